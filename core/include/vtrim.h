@@ -1,0 +1,227 @@
+/*
+ * vtrim.h - the pyvtrim runtime: vision-language models on ggml, with visual-token reduction.
+ *
+ * A worked example (error checks shortened; every call returns 0 or a negative VTRIM_ERR_*,
+ * and vtrim_last_error() then says why):
+ *
+ *     struct vtrim_model_params mp;   vtrim_model_params_default(&mp);
+ *     struct vtrim_model * model;     vtrim_model_load("llava.gguf", NULL, &mp, &model);
+ *
+ *     struct vtrim_context_params cp; vtrim_context_params_default(&cp);
+ *     struct vtrim_context * ctx;     vtrim_context_init(model, &cp, &ctx);
+ *
+ *     struct vtrim_image * img;       vtrim_image_from_file("cat.jpg", &img);
+ *     char prompt[1024]; int32_t n;   // "USER: <image>\nWhat is this? ASSISTANT:"
+ *     vtrim_chat_format(model, "What is this?", 1, prompt, sizeof prompt, &n);
+ *     int32_t toks[1024];             vtrim_tokenize(model, prompt, n, true, toks, 1024, &n);
+ *     vtrim_prefill(ctx, toks, n, &img, 1);          // each image token becomes the image's embeddings
+ *
+ *     struct vtrim_sampler_params sp; vtrim_sampler_params_default(&sp);
+ *     struct vtrim_sampler * smp;     vtrim_sampler_init(&sp, &smp);
+ *     for (int i = 0; i < 64; i++) {
+ *         int32_t tok; vtrim_sampler_sample(smp, ctx, &tok);
+ *         if (vtrim_token_is_eog(model, tok)) break;
+ *         vtrim_decode(ctx, tok);                       // appends the token, computes the next logits
+ *     }
+ *
+ * Ownership: the model owns its weights and is immutable after load; any number of contexts (one per
+ * thread) may share it, and it must outlive them. Images, samplers and contexts are owned by the caller
+ * and freed with their *_free function. Functions that fill caller buffers take the capacity and return
+ * the needed size in *n_out; when the capacity is too small they return VTRIM_ERR_BUFFER_TOO_SMALL and
+ * write nothing.
+ *
+ * The declarations between the "cffi" markers are read verbatim by the Python binding (cffi ABI mode):
+ * keep them free of preprocessor directives and macros.
+ */
+#ifndef VTRIM_H
+#define VTRIM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(VTRIM_SHARED)
+#  ifdef VTRIM_BUILD
+#    define VTRIM_API __declspec(dllexport)
+#  else
+#    define VTRIM_API __declspec(dllimport)
+#  endif
+#elif defined(VTRIM_SHARED)
+#  define VTRIM_API __attribute__((visibility("default")))
+#else
+#  define VTRIM_API
+#endif
+
+/* cffi-begin */
+
+enum vtrim_status {
+    VTRIM_OK                       =   0,
+    VTRIM_ERR_INVALID_ARG          =  -1, /* a parameter is out of range or NULL                       */
+    VTRIM_ERR_IO                   =  -2, /* a file is missing or cannot be read                        */
+    VTRIM_ERR_FORMAT               =  -3, /* a file is not a valid GGUF, or lacks a key or tensor       */
+    VTRIM_ERR_UNSUPPORTED          =  -4, /* unknown architecture, type or method for this model        */
+    VTRIM_ERR_OUT_OF_MEMORY        =  -5,
+    VTRIM_ERR_CONTEXT_FULL         =  -6, /* the tokens do not fit in n_ctx                             */
+    VTRIM_ERR_BACKEND              =  -7, /* ggml failed to allocate or compute a graph                 */
+    VTRIM_ERR_IMAGE                =  -8, /* a corrupt, empty or undecodable image                      */
+    VTRIM_ERR_STATE                =  -9, /* a call in the wrong order (decode before prefill)          */
+    VTRIM_ERR_BUFFER_TOO_SMALL     = -10  /* the caller's buffer is too small; *n_out says how large    */
+};
+
+enum vtrim_device {
+    VTRIM_DEVICE_AUTO = 0,  /* the first GPU backend compiled in, else the CPU */
+    VTRIM_DEVICE_CPU  = 1,
+    VTRIM_DEVICE_GPU  = 2   /* fails with VTRIM_ERR_UNSUPPORTED when no GPU backend is present */
+};
+
+enum vtrim_kv_type {
+    VTRIM_KV_F16 = 0,       /* half the memory; logits within ~1e-3 relative of f32 */
+    VTRIM_KV_F32 = 1        /* bit-for-bit the f32 math of the reference            */
+};
+
+struct vtrim_model;
+struct vtrim_context;
+struct vtrim_image;
+struct vtrim_sampler;
+
+struct vtrim_model_params {
+    int32_t device;         /* enum vtrim_device                                   */
+    int32_t n_threads;      /* threads used while loading/converting; <= 0: all cores */
+};
+
+struct vtrim_context_params {
+    int32_t n_ctx;          /* tokens in the KV cache (image tokens count); <= 0: the model's trained context */
+    int32_t n_batch;        /* tokens per prefill graph; prefill runs in chunks of this size */
+    int32_t n_threads;      /* CPU threads; <= 0: all cores                         */
+    int32_t kv_type;        /* enum vtrim_kv_type                                    */
+};
+
+/* What the model is, read from the GGUF. Strings point into the model and live as long as it does. */
+struct vtrim_model_info {
+    const char * arch;           /* "llava" or "mllama"                          */
+    const char * name;           /* general.name, or ""                          */
+    int32_t n_vocab;
+    int32_t n_ctx_train;
+    int32_t n_embd;
+    int32_t n_layer;             /* decoder layers                               */
+    int32_t n_head;
+    int32_t n_head_kv;
+    int32_t n_vision_layer;      /* vision tower layers that run                 */
+    int32_t image_size;          /* input side of the vision tower, in pixels    */
+    int32_t n_image_tokens;      /* embeddings one image (one tile) expands to    */
+    int32_t image_token_id;      /* the placeholder; put it once per image         */
+    int32_t bos_token_id;
+    int32_t eos_token_id;
+    int64_t n_params;            /* weights, all towers                            */
+    int64_t n_bytes;             /* bytes of weights                               */
+};
+
+/* Sampling: temperature <= 0 is greedy (argmax, ties to the lower id). Otherwise top_k (<= 0: off),
+ * then top_p (>= 1: off), then a draw at the temperature from a generator seeded with `seed`. */
+struct vtrim_sampler_params {
+    float    temperature;
+    int32_t  top_k;
+    float    top_p;
+    uint64_t seed;
+};
+
+/* What the last prefill and the decodes since did. Times in milliseconds. */
+struct vtrim_stats {
+    int32_t n_past;              /* tokens in the sequence (positions used)        */
+    int32_t n_prompt_tokens;     /* tokens of the last prefill, images expanded     */
+    int32_t n_images;
+    int32_t n_image_tokens;      /* image embeddings of the last prefill            */
+    int32_t n_image_tokens_kept; /* of those, what the decoder layers after all reductions hold */
+    int64_t kv_cache_bytes;      /* bytes of K and V held by the cache now          */
+    double  t_encode_ms;         /* vision tower + projector                        */
+    double  t_prefill_ms;        /* decoder over the prompt                         */
+    double  t_decode_ms;         /* all vtrim_decode calls since the prefill        */
+    int32_t n_decoded;
+};
+
+/* ---- errors ---------------------------------------------------------------------------------- */
+
+/* The message of the last failed call on this thread ("" if none). Valid until the next call. */
+VTRIM_API const char * vtrim_last_error(void);
+VTRIM_API const char * vtrim_version(void);
+/* The ggml backend names compiled in, comma separated (e.g. "CPU" or "CUDA,CPU"). */
+VTRIM_API const char * vtrim_backends(void);
+
+/* ---- model ----------------------------------------------------------------------------------- */
+
+VTRIM_API void    vtrim_model_params_default(struct vtrim_model_params * p);
+/* Loads a GGUF: one file with text and vision towers, or a text file plus llama.cpp's mmproj file. */
+VTRIM_API int32_t vtrim_model_load(const char * path, const char * mmproj, const struct vtrim_model_params * p,
+                                   struct vtrim_model ** out);
+VTRIM_API void    vtrim_model_free(struct vtrim_model * model);
+VTRIM_API int32_t vtrim_model_get_info(const struct vtrim_model * model, struct vtrim_model_info * out);
+
+/* ---- text ------------------------------------------------------------------------------------ */
+
+/* Special tokens written in the text (e.g. "<image>", "</s>") become their ids. add_special adds BOS. */
+VTRIM_API int32_t vtrim_tokenize(const struct vtrim_model * model, const char * text, int32_t text_len,
+                                 bool add_special, int32_t * tokens, int32_t n_max, int32_t * n_out);
+/* UTF-8 bytes of the tokens, without BOS/EOS and with SentencePiece's leading space removed when
+ * remove_leading_space is set (the first piece of a reply). Not NUL-terminated. */
+VTRIM_API int32_t vtrim_detokenize(const struct vtrim_model * model, const int32_t * tokens, int32_t n_tokens,
+                                   bool remove_leading_space, char * text, int32_t n_max, int32_t * n_out);
+VTRIM_API bool    vtrim_token_is_eog(const struct vtrim_model * model, int32_t token);
+/* One user turn in the model's conversation format, with one image placeholder per image before the
+ * question, and the assistant's prefix. Continue a conversation by appending the next turn's text. */
+VTRIM_API int32_t vtrim_chat_format(const struct vtrim_model * model, const char * question, int32_t n_images,
+                                    char * text, int32_t n_max, int32_t * n_out);
+
+/* ---- images ---------------------------------------------------------------------------------- */
+
+/* JPEG, PNG, BMP, GIF (first frame), TGA, PNM; converted to 8-bit RGB. */
+VTRIM_API int32_t vtrim_image_from_file(const char * path, struct vtrim_image ** out);
+VTRIM_API int32_t vtrim_image_from_memory(const uint8_t * data, size_t size, struct vtrim_image ** out);
+/* Copies h rows of w RGB pixels (3 bytes each, no padding). */
+VTRIM_API int32_t vtrim_image_from_pixels(const uint8_t * rgb, int32_t width, int32_t height,
+                                          struct vtrim_image ** out);
+VTRIM_API void    vtrim_image_free(struct vtrim_image * image);
+VTRIM_API int32_t vtrim_image_size(const struct vtrim_image * image, int32_t * width, int32_t * height);
+/* The pixel values the vision tower sees, as the model's image processor makes them:
+ * float32, [n_tiles][3][image_size][image_size]. n_max and *n_out count floats. */
+VTRIM_API int32_t vtrim_image_preprocess(const struct vtrim_model * model, const struct vtrim_image * image,
+                                         float * pixels, int64_t n_max, int64_t * n_out);
+
+/* ---- context: KV cache and compute buffers; one per thread ----------------------------------- */
+
+VTRIM_API void    vtrim_context_params_default(struct vtrim_context_params * p);
+VTRIM_API int32_t vtrim_context_init(struct vtrim_model * model, const struct vtrim_context_params * p,
+                                     struct vtrim_context ** out);
+VTRIM_API void    vtrim_context_free(struct vtrim_context * ctx);
+/* Forgets the sequence (empties the KV cache); keeps buffers and reduction policies. */
+VTRIM_API int32_t vtrim_context_reset(struct vtrim_context * ctx);
+
+/* Appends tokens to the sequence and computes the logits of the last one. Each image_token_id in
+ * tokens is replaced by the embeddings of the next image, in order; the counts must match.
+ * On error the sequence is left as it was before the call. */
+VTRIM_API int32_t vtrim_prefill(struct vtrim_context * ctx, const int32_t * tokens, int32_t n_tokens,
+                                struct vtrim_image * const * images, int32_t n_images);
+/* Appends one token and computes its logits. */
+VTRIM_API int32_t vtrim_decode(struct vtrim_context * ctx, int32_t token);
+/* The logits of the last token (n_vocab floats). */
+VTRIM_API int32_t vtrim_logits(const struct vtrim_context * ctx, float * logits, int32_t n_vocab);
+VTRIM_API int32_t vtrim_get_stats(const struct vtrim_context * ctx, struct vtrim_stats * out);
+
+/* ---- sampling -------------------------------------------------------------------------------- */
+
+VTRIM_API void    vtrim_sampler_params_default(struct vtrim_sampler_params * p);
+/* Fails with VTRIM_ERR_INVALID_ARG for a negative or non-finite temperature, or top_p outside (0, 1]. */
+VTRIM_API int32_t vtrim_sampler_init(const struct vtrim_sampler_params * p, struct vtrim_sampler ** out);
+VTRIM_API void    vtrim_sampler_free(struct vtrim_sampler * s);
+VTRIM_API int32_t vtrim_sampler_sample(struct vtrim_sampler * s, const struct vtrim_context * ctx, int32_t * token);
+
+/* cffi-end */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VTRIM_H */
