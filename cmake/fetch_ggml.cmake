@@ -32,6 +32,9 @@ if(NOT VTRIM_GGML_SOURCE)
         endif()
     endif()
     if(NOT EXISTS "${_archive}")
+        if(NOT Python3_EXECUTABLE AND Python_EXECUTABLE)
+            set(Python3_EXECUTABLE "${Python_EXECUTABLE}")
+        endif()
         find_package(Python3 COMPONENTS Interpreter REQUIRED)
         message(STATUS "pyvtrim: fetching llama-cpp-python==${VTRIM_LLAMA_CPP_PY_VERSION} sdist into ${_cache}")
         file(MAKE_DIRECTORY "${_cache}")
@@ -41,6 +44,13 @@ if(NOT VTRIM_GGML_SOURCE)
             COMMAND "${Python3_EXECUTABLE}" -m pip download --no-deps --no-binary llama-cpp-python
                     --no-build-isolation "llama-cpp-python==${VTRIM_LLAMA_CPP_PY_VERSION}" -d "${_cache}"
             RESULT_VARIABLE _rc)
+        if(NOT _rc EQUAL 0)
+            # No scikit-build-core where this Python runs: let pip read the metadata in its own environment.
+            execute_process(
+                COMMAND "${Python3_EXECUTABLE}" -m pip download --no-deps --no-binary llama-cpp-python
+                        "llama-cpp-python==${VTRIM_LLAMA_CPP_PY_VERSION}" -d "${_cache}"
+                RESULT_VARIABLE _rc)
+        endif()
         if(NOT _rc EQUAL 0 OR NOT EXISTS "${_archive}")
             message(FATAL_ERROR "pyvtrim: could not download llama-cpp-python==${VTRIM_LLAMA_CPP_PY_VERSION}; "
                                 "set VTRIM_GGML_SOURCE to an unpacked llama.cpp tree")

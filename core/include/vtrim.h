@@ -90,7 +90,8 @@ struct vtrim_sampler;
 
 struct vtrim_model_params {
     int32_t device;         /* enum vtrim_device                                   */
-    int32_t n_threads;      /* threads used while loading/converting; <= 0: all cores */
+    int32_t n_threads;      /* reserved for parallel loading; <= 0: all cores                */
+    bool    vocab_only;     /* load the tokenizer only (a vocabulary GGUF needs no tensors)  */
 };
 
 struct vtrim_context_params {

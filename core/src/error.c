@@ -21,14 +21,14 @@ int32_t vtrim_fail(int32_t code, const char * fmt, ...) {
 }
 
 int32_t vtrim_fail_prefix(int32_t code, const char * fmt, ...) {
-    char prefix[512];
+    char prefix[256];
     char old[sizeof g_message];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, g_message, sizeof old);
-    snprintf(g_message, sizeof g_message, "%s%s", prefix, old);
+    snprintf(g_message, sizeof g_message, "%s%.*s", prefix, (int) (sizeof g_message - sizeof prefix), old);
     return code;
 }
 

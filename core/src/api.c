@@ -1,0 +1,107 @@
+// Entry points of vtrim.h that are thin: versions, backends, text, chat format, preprocessing.
+#include "error.h"
+#include "image.h"
+#include "model.h"
+#include "vocab.h"
+
+#include "ggml-backend.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char * vtrim_version(void) { return VTRIM_VERSION; }
+
+const char * vtrim_backends(void) {
+    static char names[256];
+    if (!names[0]) {
+        size_t used = 0;
+        for (size_t i = 0; i < ggml_backend_reg_count(); i++) {
+            const char * name = ggml_backend_reg_name(ggml_backend_reg_get(i));
+            const int n = snprintf(names + used, sizeof names - used, "%s%s", used ? "," : "", name);
+            if (n < 0 || (size_t) n >= sizeof names - used) {
+                break;
+            }
+            used += (size_t) n;
+        }
+    }
+    return names;
+}
+
+int32_t vtrim_tokenize(const struct vtrim_model * m, const char * text, int32_t text_len, bool add_special,
+                       int32_t * tokens, int32_t n_max, int32_t * n_out) {
+    if (!m || (!text && text_len > 0) || text_len < 0 || n_max < 0 || (!tokens && n_max > 0) || !n_out) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_tokenize: invalid arguments");
+    }
+    return vtrim_vocab_tokenize(m->vocab, text ? text : "", text_len, add_special, tokens, n_max, n_out);
+}
+
+int32_t vtrim_detokenize(const struct vtrim_model * m, const int32_t * tokens, int32_t n_tokens,
+                         bool remove_leading_space, char * text, int32_t n_max, int32_t * n_out) {
+    if (!m || (!tokens && n_tokens > 0) || n_tokens < 0 || n_max < 0 || (!text && n_max > 0) || !n_out) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_detokenize: invalid arguments");
+    }
+    return vtrim_vocab_detokenize(m->vocab, tokens, n_tokens, remove_leading_space, text, n_max, n_out);
+}
+
+bool vtrim_token_is_eog(const struct vtrim_model * m, int32_t token) {
+    return m && vtrim_vocab_is_eog(m->vocab, token);
+}
+
+int32_t vtrim_chat_format(const struct vtrim_model * m, const char * question, int32_t n_images, char * text,
+                          int32_t n_max, int32_t * n_out) {
+    if (!m || !question || n_images < 0 || n_max < 0 || (!text && n_max > 0) || !n_out) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_chat_format: invalid arguments");
+    }
+    if (n_images > 0 && m->image_token_id < 0) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "this model takes no images");
+    }
+    // LLaVA-1.5 (llava-hf chat template): "USER: <image>\n{question} ASSISTANT:"
+    char images[1024] = "";
+    size_t used = 0;
+    char piece[256] = "";
+    if (n_images > 0) {
+        int32_t n_piece = 0;
+        const int32_t rc = vtrim_detokenize(m, &m->image_token_id, 1, false, piece, sizeof piece - 1, &n_piece);
+        if (rc < 0) {
+            return rc;
+        }
+        piece[n_piece] = '\0';
+    }
+    for (int32_t i = 0; i < n_images; i++) {
+        const int n = snprintf(images + used, sizeof images - used, "%s\n", piece);
+        if (n < 0 || (size_t) n >= sizeof images - used) {
+            return vtrim_fail(VTRIM_ERR_INVALID_ARG, "too many images in one turn");
+        }
+        used += (size_t) n;
+    }
+    const int need = snprintf(NULL, 0, "USER: %s%s ASSISTANT:", images, question);
+    *n_out = need;
+    if (need > n_max) {
+        return vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_chat_format: needs %d bytes", need);
+    }
+    char * buf = malloc((size_t) need + 1);   // the caller's buffer need not hold the NUL
+    if (!buf) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    snprintf(buf, (size_t) need + 1, "USER: %s%s ASSISTANT:", images, question);
+    memcpy(text, buf, (size_t) need);
+    free(buf);
+    return 0;
+}
+
+int32_t vtrim_image_preprocess(const struct vtrim_model * m, const struct vtrim_image * image, float * pixels,
+                               int64_t n_max, int64_t * n_out) {
+    if (!m || !image || !n_out || n_max < 0 || (!pixels && n_max > 0)) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_image_preprocess: invalid arguments");
+    }
+    if (!m->has_vision) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "this model has no vision tower");
+    }
+    const int64_t n = 3 * (int64_t) m->image_pp.crop_h * m->image_pp.crop_w;
+    *n_out = n;
+    if (n > n_max) {
+        return vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_image_preprocess: needs %lld floats", (long long) n);
+    }
+    return vtrim_image_preprocess_clip(image, &m->image_pp, pixels);
+}

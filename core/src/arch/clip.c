@@ -1,0 +1,201 @@
+// The CLIP ViT vision tower as HF's LlavaForConditionalGeneration uses it, and the mlp2x projector.
+#include "arch/clip.h"
+
+#include "arch/arch.h"
+#include "error.h"
+#include "graph.h"
+#include "gguf_util.h"
+
+#include "gguf.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int32_t vtrim_clip_read_hparams(struct vtrim_model * m, const struct gguf_context * g, bool legacy) {
+    struct vtrim_vision_hparams * hp = &m->vision;
+    int32_t rc;
+    hp->eps = 1e-5f;
+    if ((rc = vtrim_gguf_i32(g, "clip.vision.image_size", &hp->image_size, true)) < 0 ||
+        (rc = vtrim_gguf_i32(g, "clip.vision.patch_size", &hp->patch_size, true)) < 0 ||
+        (rc = vtrim_gguf_i32(g, "clip.vision.embedding_length", &hp->n_embd, true)) < 0 ||
+        (rc = vtrim_gguf_i32(g, "clip.vision.feed_forward_length", &hp->n_ff, true)) < 0 ||
+        (rc = vtrim_gguf_i32(g, "clip.vision.block_count", &hp->n_layer, true)) < 0 ||
+        (rc = vtrim_gguf_i32(g, "clip.vision.attention.head_count", &hp->n_head, true)) < 0 ||
+        (rc = vtrim_gguf_f32(g, "clip.vision.attention.layer_norm_epsilon", &hp->eps, false)) < 0) {
+        return rc;
+    }
+    hp->use_gelu = false;
+    if ((rc = vtrim_gguf_bool(g, "clip.use_gelu", &hp->use_gelu, false)) < 0) {
+        return rc;
+    }
+    if (hp->image_size <= 0 || hp->patch_size <= 0 || hp->image_size % hp->patch_size != 0 || hp->n_embd <= 0 ||
+        hp->n_head <= 0 || hp->n_embd % hp->n_head != 0 || hp->n_layer <= 0 || hp->n_ff <= 0 || hp->n_layer > 1024) {
+        return vtrim_fail(VTRIM_ERR_FORMAT, "invalid vision hyperparameters (image %d, patch %d, width %d, heads %d)",
+                          hp->image_size, hp->patch_size, hp->n_embd, hp->n_head);
+    }
+    const int32_t side = hp->image_size / hp->patch_size;
+    hp->n_patches = side * side;
+
+    // llama.cpp's legacy layout stores only the layers that run (n - 1 for LLaVA-1.5); ours stores all
+    // of HF's layers and the feature layer as HF counts it (hidden_states[feature_layer]).
+    int32_t feature_layer = legacy ? hp->n_layer : -2;
+    if (!legacy && (rc = vtrim_gguf_i32(g, "vtrim.vision.feature_layer", &feature_layer, false)) < 0) {
+        return rc;
+    }
+    hp->n_layer_run = feature_layer < 0 ? hp->n_layer + 1 + feature_layer : feature_layer;
+    if (hp->n_layer_run < 0 || hp->n_layer_run > hp->n_layer) {
+        return vtrim_fail(VTRIM_ERR_FORMAT, "vision feature layer %d is outside the %d layers", feature_layer,
+                          hp->n_layer);
+    }
+    char select[32] = "default";
+    if ((rc = vtrim_gguf_str(g, "vtrim.vision.feature_select", select, sizeof select, false)) < 0) {
+        return rc;
+    }
+    if (strcmp(select, "default") != 0 && strcmp(select, "full") != 0) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "vision feature select strategy '%s'", select);
+    }
+    hp->keep_cls = strcmp(select, "full") == 0;
+    hp->n_image_tokens = hp->n_patches + (hp->keep_cls ? 1 : 0);
+
+    char act[32] = "gelu";
+    if ((rc = vtrim_gguf_str(g, "vtrim.projector.act", act, sizeof act, false)) < 0) {
+        return rc;
+    }
+    if (strcmp(act, "gelu") != 0) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "projector activation '%s' (only 'gelu')", act);
+    }
+    char proj[32] = "mlp";
+    if ((rc = vtrim_gguf_str(g, "clip.projector_type", proj, sizeof proj, false)) < 0) {
+        return rc;
+    }
+    if (strcmp(proj, "mlp") != 0) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "projector type '%s' (only LLaVA-1.5's 'mlp')", proj);
+    }
+    return 0;
+}
+
+static int32_t bind_layer(struct vtrim_model * m, int il) {
+    const struct vtrim_vision_hparams * hp = &m->vision;
+    struct vtrim_clip_layer * l = &m->vlayers[il];
+    const int64_t d = hp->n_embd;
+    char name[96];
+    int32_t rc;
+#define T(field, suffix, a, b)                                                    \
+    snprintf(name, sizeof name, "v.blk.%d." suffix, il);                          \
+    if ((rc = vtrim_model_tensor(m, name, (a), (b), 1, &l->field)) < 0) return rc;
+    T(ln1_w, "ln1.weight", d, 1) T(ln1_b, "ln1.bias", d, 1)
+    T(q_w, "attn_q.weight", d, d) T(q_b, "attn_q.bias", d, 1)
+    T(k_w, "attn_k.weight", d, d) T(k_b, "attn_k.bias", d, 1)
+    T(v_w, "attn_v.weight", d, d) T(v_b, "attn_v.bias", d, 1)
+    T(o_w, "attn_out.weight", d, d) T(o_b, "attn_out.bias", d, 1)
+    T(ln2_w, "ln2.weight", d, 1) T(ln2_b, "ln2.bias", d, 1)
+    // fc1 (d -> n_ff) and fc2 (n_ff -> d): llama.cpp's legacy converter stores them under swapped names,
+    // so take them by shape.
+    struct ggml_tensor * up_w, * up_b, * down_w, * down_b;
+    T(fc1_w, "ffn_up.weight", -1, -1) up_w = l->fc1_w;
+    T(fc1_b, "ffn_up.bias", -1, 1) up_b = l->fc1_b;
+    T(fc2_w, "ffn_down.weight", -1, -1) down_w = l->fc2_w;
+    T(fc2_b, "ffn_down.bias", -1, 1) down_b = l->fc2_b;
+#undef T
+    if (up_w->ne[0] == d && up_w->ne[1] == hp->n_ff && down_w->ne[0] == hp->n_ff && down_w->ne[1] == d) {
+        l->fc1_w = up_w; l->fc1_b = up_b; l->fc2_w = down_w; l->fc2_b = down_b;
+    } else if (down_w->ne[0] == d && down_w->ne[1] == hp->n_ff && up_w->ne[0] == hp->n_ff && up_w->ne[1] == d) {
+        l->fc1_w = down_w; l->fc1_b = down_b; l->fc2_w = up_w; l->fc2_b = up_b;
+    } else {
+        return vtrim_fail(VTRIM_ERR_FORMAT, "v.blk.%d ffn weights do not match width %lld and ffn %d", il,
+                          (long long) d, hp->n_ff);
+    }
+    if (l->fc1_b->ne[0] != hp->n_ff || l->fc2_b->ne[0] != d) {
+        return vtrim_fail(VTRIM_ERR_FORMAT, "v.blk.%d ffn biases have the wrong size", il);
+    }
+    return 0;
+}
+
+int32_t vtrim_clip_bind_tensors(struct vtrim_model * m) {
+    const struct vtrim_vision_hparams * hp = &m->vision;
+    const int64_t d = hp->n_embd, p = hp->patch_size, n_embd_text = m->text.n_embd;
+    int32_t rc;
+    if ((rc = vtrim_model_tensor(m, "v.patch_embd.weight", p, p, 3, &m->patch_embd)) < 0 ||
+        (rc = vtrim_model_tensor(m, "v.class_embd", d, 1, 1, &m->class_embd)) < 0 ||
+        (rc = vtrim_model_tensor(m, "v.position_embd.weight", d, hp->n_patches + 1, 1, &m->pos_embd)) < 0 ||
+        (rc = vtrim_model_tensor(m, "v.pre_ln.weight", d, 1, 1, &m->pre_ln_w)) < 0 ||
+        (rc = vtrim_model_tensor(m, "v.pre_ln.bias", d, 1, 1, &m->pre_ln_b)) < 0 ||
+        (rc = vtrim_model_tensor(m, "mm.0.weight", d, -1, 1, &m->mm0_w)) < 0 ||
+        (rc = vtrim_model_tensor(m, "mm.0.bias", m->mm0_w->ne[1], 1, 1, &m->mm0_b)) < 0 ||
+        (rc = vtrim_model_tensor(m, "mm.2.weight", m->mm0_w->ne[1], n_embd_text, 1, &m->mm2_w)) < 0 ||
+        (rc = vtrim_model_tensor(m, "mm.2.bias", n_embd_text, 1, 1, &m->mm2_b)) < 0) {
+        return rc;
+    }
+    if (m->patch_embd->ne[3] != d) {
+        return vtrim_fail(VTRIM_ERR_FORMAT, "v.patch_embd.weight has %lld output channels, expected %lld",
+                          (long long) m->patch_embd->ne[3], (long long) d);
+    }
+    if (ggml_is_quantized(m->patch_embd->type)) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "v.patch_embd.weight must be f32 or f16");
+    }
+    m->vlayers = calloc((size_t) hp->n_layer, sizeof *m->vlayers);
+    if (!m->vlayers) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    for (int il = 0; il < hp->n_layer_run; il++) {
+        if ((rc = bind_layer(m, il)) < 0) {
+            return rc;
+        }
+    }
+    return 0;
+}
+
+struct ggml_tensor * vtrim_clip_build(struct ggml_context * ctx, struct ggml_cgraph * gf,
+                                      const struct vtrim_model * m, struct ggml_tensor ** pixels) {
+    const struct vtrim_vision_hparams * hp = &m->vision;
+    const int64_t d = hp->n_embd, n_pos = hp->n_patches + 1, head_dim = d / hp->n_head;
+
+    *pixels = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, hp->image_size, hp->image_size, 3);
+    ggml_set_name(*pixels, "pixels");
+    ggml_set_input(*pixels);
+
+    // Patch embedding: a stride-p convolution as im2col + one matmul. ggml_conv_2d would round the pixels
+    // to f16 in its im2col; we keep them f32. Patches come out row-major, as HF flattens them.
+    struct ggml_tensor * cols = ggml_im2col(ctx, m->patch_embd, *pixels, hp->patch_size, hp->patch_size, 0, 0, 1, 1,
+                                            true, GGML_TYPE_F32);           // [3*p*p, side, side]
+    cols = ggml_reshape_2d(ctx, cols, cols->ne[0], hp->n_patches);
+    struct ggml_tensor * kernel = ggml_reshape_2d(ctx, m->patch_embd, cols->ne[0], d);
+    struct ggml_tensor * cur = ggml_mul_mat(ctx, kernel, cols);            // [d, n_patches]
+    cur = ggml_concat(ctx, ggml_reshape_2d(ctx, m->class_embd, d, 1), cur, 1);   // CLS first
+    cur = ggml_add(ctx, cur, m->pos_embd);
+    cur = vtrim_build_layer_norm(ctx, cur, m->pre_ln_w, m->pre_ln_b, hp->eps);
+    vtrim_cb(cur, "v_pre_ln", -1);
+
+    const float scale = 1.0f / sqrtf((float) head_dim);
+    for (int il = 0; il < hp->n_layer_run; il++) {
+        const struct vtrim_clip_layer * l = &m->vlayers[il];
+        struct ggml_tensor * residual = cur;
+        cur = vtrim_build_layer_norm(ctx, cur, l->ln1_w, l->ln1_b, hp->eps);
+        struct ggml_tensor * q = ggml_reshape_3d(ctx, vtrim_build_linear(ctx, cur, l->q_w, l->q_b), head_dim, hp->n_head, n_pos);
+        struct ggml_tensor * k = ggml_reshape_3d(ctx, vtrim_build_linear(ctx, cur, l->k_w, l->k_b), head_dim, hp->n_head, n_pos);
+        struct ggml_tensor * v = ggml_reshape_3d(ctx, vtrim_build_linear(ctx, cur, l->v_w, l->v_b), head_dim, hp->n_head, n_pos);
+        cur = vtrim_build_attn(ctx, q, k, v, NULL, scale, 1000 + il);
+        cur = vtrim_build_linear(ctx, cur, l->o_w, l->o_b);
+        cur = ggml_add(ctx, cur, residual);
+
+        residual = cur;
+        cur = vtrim_build_layer_norm(ctx, cur, l->ln2_w, l->ln2_b, hp->eps);
+        cur = vtrim_build_linear(ctx, cur, l->fc1_w, l->fc1_b);
+        cur = hp->use_gelu ? ggml_gelu_erf(ctx, cur) : vtrim_build_quick_gelu(ctx, cur);
+        cur = vtrim_build_linear(ctx, cur, l->fc2_w, l->fc2_b);
+        cur = ggml_add(ctx, cur, residual);
+        vtrim_cb(cur, "v_l_out", il);
+    }
+    if (!hp->keep_cls) {
+        cur = ggml_view_2d(ctx, cur, d, hp->n_patches, cur->nb[1], cur->nb[1]);
+    }
+    cur = vtrim_build_linear(ctx, cur, m->mm0_w, m->mm0_b);
+    cur = ggml_gelu_erf(ctx, cur);
+    cur = vtrim_build_linear(ctx, cur, m->mm2_w, m->mm2_b);
+    vtrim_cb(cur, "image_embd", -1);
+    ggml_set_output(cur);
+    ggml_build_forward_expand(gf, cur);
+    return cur;
+}

@@ -1,0 +1,175 @@
+// The Llama decoder (Llama-2 / Llama-3 / TinyLlama shapes): hyperparameters, weights, graph.
+#include "arch/llama.h"
+
+#include "arch/arch.h"
+#include "error.h"
+#include "graph.h"
+#include "gguf_util.h"
+#include "vocab.h"
+
+#include "gguf.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+int32_t vtrim_llama_read_hparams(struct vtrim_model * m, const struct gguf_context * g) {
+    struct vtrim_text_hparams * hp = &m->text;
+    int32_t rc;
+    if ((rc = vtrim_gguf_i32(g, "llama.embedding_length", &hp->n_embd, true)) < 0 ||
+        (rc = vtrim_gguf_i32(g, "llama.block_count", &hp->n_layer, true)) < 0 ||
+        (rc = vtrim_gguf_i32(g, "llama.feed_forward_length", &hp->n_ff, true)) < 0 ||
+        (rc = vtrim_gguf_i32(g, "llama.attention.head_count", &hp->n_head, true)) < 0) {
+        return rc;
+    }
+    hp->n_head_kv = hp->n_head;
+    hp->n_ctx_train = 4096;
+    hp->rms_eps = 1e-5f;
+    hp->rope_theta = 10000.0f;
+    if ((rc = vtrim_gguf_i32(g, "llama.attention.head_count_kv", &hp->n_head_kv, false)) < 0 ||
+        (rc = vtrim_gguf_i32(g, "llama.context_length", &hp->n_ctx_train, false)) < 0 ||
+        (rc = vtrim_gguf_f32(g, "llama.attention.layer_norm_rms_epsilon", &hp->rms_eps, false)) < 0 ||
+        (rc = vtrim_gguf_f32(g, "llama.rope.freq_base", &hp->rope_theta, false)) < 0) {
+        return rc;
+    }
+    if (hp->n_embd <= 0 || hp->n_layer <= 0 || hp->n_ff <= 0 || hp->n_head <= 0 || hp->n_head_kv <= 0 ||
+        hp->n_embd % hp->n_head != 0 || hp->n_head % hp->n_head_kv != 0 || hp->n_layer > 4096) {
+        return vtrim_fail(VTRIM_ERR_FORMAT, "invalid llama hyperparameters (n_embd=%d n_layer=%d n_head=%d n_head_kv=%d)",
+                          hp->n_embd, hp->n_layer, hp->n_head, hp->n_head_kv);
+    }
+    hp->head_dim = hp->n_embd / hp->n_head;
+    hp->n_rot = hp->head_dim;
+    if ((rc = vtrim_gguf_i32(g, "llama.rope.dimension_count", &hp->n_rot, false)) < 0) {
+        return rc;
+    }
+    if (hp->n_rot <= 0 || hp->n_rot > hp->head_dim || hp->n_rot % 2 != 0 || !(hp->rope_theta > 0.0f)) {
+        return vtrim_fail(VTRIM_ERR_FORMAT, "invalid rope parameters (dims %d, theta %g)", hp->n_rot, hp->rope_theta);
+    }
+    hp->n_vocab = vtrim_vocab_n_tokens(m->vocab);
+    return 0;
+}
+
+int32_t vtrim_llama_bind_tensors(struct vtrim_model * m) {
+    const struct vtrim_text_hparams * hp = &m->text;
+    const int64_t n_embd = hp->n_embd, n_embd_kv = (int64_t) hp->head_dim * hp->n_head_kv;
+    int32_t rc;
+    if ((rc = vtrim_model_tensor(m, "token_embd.weight", n_embd, hp->n_vocab, 1, &m->tok_embd)) < 0 ||
+        (rc = vtrim_model_tensor(m, "output_norm.weight", n_embd, 1, 1, &m->output_norm)) < 0) {
+        return rc;
+    }
+    if (ggml_get_tensor(m->ctx_w, "output.weight")) {
+        if ((rc = vtrim_model_tensor(m, "output.weight", n_embd, hp->n_vocab, 1, &m->output)) < 0) {
+            return rc;
+        }
+    } else {
+        m->output = m->tok_embd;   // tied embeddings
+    }
+    m->layers = calloc((size_t) hp->n_layer, sizeof *m->layers);
+    if (!m->layers) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    char name[96];
+#define W(field, suffix, a, b)                                                              \
+    snprintf(name, sizeof name, "blk.%d." suffix ".weight", il);                            \
+    if ((rc = vtrim_model_tensor(m, name, (a), (b), 1, &l->field)) < 0) return rc;
+    for (int il = 0; il < hp->n_layer; il++) {
+        struct vtrim_llama_layer * l = &m->layers[il];
+        W(attn_norm, "attn_norm", n_embd, 1)
+        W(wq, "attn_q", n_embd, n_embd)
+        W(wk, "attn_k", n_embd, n_embd_kv)
+        W(wv, "attn_v", n_embd, n_embd_kv)
+        W(wo, "attn_output", n_embd, n_embd)
+        W(ffn_norm, "ffn_norm", n_embd, 1)
+        W(ffn_gate, "ffn_gate", n_embd, hp->n_ff)
+        W(ffn_up, "ffn_up", n_embd, hp->n_ff)
+        W(ffn_down, "ffn_down", hp->n_ff, n_embd)
+    }
+#undef W
+    return 0;
+}
+
+struct ggml_tensor * vtrim_llama_build_inp_embd(struct ggml_context * ctx, const struct vtrim_model * m,
+                                                struct vtrim_llama_inputs * in, int32_t n_text, int32_t n_image,
+                                                int32_t n_tokens) {
+    struct ggml_tensor * text = NULL, * image = NULL;
+    in->text_ids = in->image_embd = in->order = NULL;
+    if (n_text > 0) {
+        in->text_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_text);
+        ggml_set_input(in->text_ids);
+        text = ggml_get_rows(ctx, m->tok_embd, in->text_ids);
+    }
+    if (n_image > 0) {
+        in->image_embd = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, m->text.n_embd, n_image);
+        ggml_set_input(in->image_embd);
+        image = in->image_embd;
+    }
+    if (!text || !image) {
+        return text ? text : image;
+    }
+    // Rows [text..., image...] put back into sequence order.
+    in->order = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
+    ggml_set_input(in->order);
+    return ggml_get_rows(ctx, ggml_concat(ctx, text, image, 1), in->order);
+}
+
+struct ggml_tensor * vtrim_llama_build_decoder(struct ggml_context * ctx, struct ggml_cgraph * gf,
+                                               const struct vtrim_model * m, struct vtrim_kv_cache * kv,
+                                               struct ggml_tensor * cur, struct vtrim_llama_inputs * in) {
+    const struct vtrim_text_hparams * hp = &m->text;
+    const int64_t n_tokens = cur->ne[1];
+    const int64_t n_embd_kv = (int64_t) hp->head_dim * hp->n_head_kv;
+    const int32_t n_past = kv->n[0];
+    const int64_t n_kv = n_past + n_tokens;
+    const float scale = 1.0f / sqrtf((float) hp->head_dim);
+
+    in->pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
+    ggml_set_input(in->pos);
+    in->mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, n_tokens);
+    ggml_set_input(in->mask);
+
+    for (int il = 0; il < hp->n_layer; il++) {
+        const struct vtrim_llama_layer * l = &m->layers[il];
+        struct ggml_tensor * residual = cur;
+        cur = vtrim_build_rms_norm(ctx, cur, l->attn_norm, hp->rms_eps);
+        vtrim_cb(cur, "attn_norm", il);
+
+        struct ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wq, cur), hp->head_dim, hp->n_head, n_tokens);
+        struct ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wk, cur), hp->head_dim, hp->n_head_kv, n_tokens);
+        struct ggml_tensor * v = ggml_mul_mat(ctx, l->wv, cur);
+        // Normal (adjacent-pair) RoPE on Q/K weights that the converter permuted, as llama.cpp does.
+        q = ggml_rope_ext(ctx, q, in->pos, NULL, hp->n_rot, 0, hp->n_ctx_train, hp->rope_theta, 1.0f, 0.0f, 1.0f,
+                          0.0f, 0.0f);
+        k = ggml_rope_ext(ctx, k, in->pos, NULL, hp->n_rot, 0, hp->n_ctx_train, hp->rope_theta, 1.0f, 0.0f, 1.0f,
+                          0.0f, 0.0f);
+        vtrim_cb(q, "Qcur", il);
+        vtrim_cb(k, "Kcur", il);
+
+        const size_t row = ggml_row_size(kv->type, n_embd_kv);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, n_embd_kv, n_tokens),
+                                               ggml_view_2d(ctx, kv->k[il], n_embd_kv, n_tokens, row, row * n_past)));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, v,
+                                               ggml_view_2d(ctx, kv->v[il], n_embd_kv, n_tokens, row, row * n_past)));
+        struct ggml_tensor * kc = ggml_view_3d(ctx, kv->k[il], hp->head_dim, hp->n_head_kv, n_kv,
+                                               ggml_row_size(kv->type, hp->head_dim), row, 0);
+        struct ggml_tensor * vc = ggml_view_3d(ctx, kv->v[il], hp->head_dim, hp->n_head_kv, n_kv,
+                                               ggml_row_size(kv->type, hp->head_dim), row, 0);
+        cur = vtrim_build_attn(ctx, q, kc, vc, in->mask, scale, il);
+        cur = ggml_mul_mat(ctx, l->wo, cur);
+        cur = ggml_add(ctx, cur, residual);
+        vtrim_cb(cur, "attn_out", il);
+
+        residual = cur;
+        cur = vtrim_build_rms_norm(ctx, cur, l->ffn_norm, hp->rms_eps);
+        cur = vtrim_build_swiglu_ffn(ctx, cur, l->ffn_gate, l->ffn_up, l->ffn_down);
+        cur = ggml_add(ctx, cur, residual);
+        vtrim_cb(cur, "l_out", il);
+    }
+    // Only the last position's logits are needed.
+    cur = ggml_view_2d(ctx, cur, hp->n_embd, 1, cur->nb[1], (size_t) (n_tokens - 1) * cur->nb[1]);
+    cur = vtrim_build_rms_norm(ctx, cur, m->output_norm, hp->rms_eps);
+    cur = ggml_mul_mat(ctx, m->output, cur);
+    vtrim_cb(cur, "logits", -1);
+    ggml_set_output(cur);
+    ggml_build_forward_expand(gf, cur);
+    return cur;
+}

@@ -1,0 +1,36 @@
+// The context's internals, shared by the prefill/decode code and the reduction policies.
+#pragma once
+
+#include "kv_cache.h"
+#include "model.h"
+#include "vtrim.h"
+
+#include "ggml-backend.h"
+
+struct vtrim_context {
+    struct vtrim_model *        model;
+    struct vtrim_context_params params;
+
+    ggml_backend_t       backends[2];   // [GPU,] CPU
+    int                  n_backends;
+    ggml_backend_t       cpu;
+    ggml_backend_sched_t sched;
+    void *               meta;          // memory for graph metadata (tensors, nodes), reused by every graph
+    size_t               meta_size;
+
+    struct vtrim_kv_cache kv;
+    int32_t               n_past;       // positions used by the sequence
+    float *               logits;       // n_vocab
+    bool                  has_logits;
+    float *               img_embd;     // image embeddings of the current prefill
+    size_t                img_embd_cap; // floats
+
+    struct vtrim_stats stats;
+};
+
+int32_t vtrim_context_n_vocab(const struct vtrim_context * ctx);
+
+// Graph plumbing: begin a graph in the context's metadata memory, allocate it with the scheduler, run it.
+struct ggml_context * vtrim_context_graph_begin(struct vtrim_context * ctx, struct ggml_cgraph ** gf);
+int32_t vtrim_context_graph_alloc(struct vtrim_context * ctx, struct ggml_cgraph * gf);
+int32_t vtrim_context_graph_compute(struct vtrim_context * ctx, struct ggml_cgraph * gf);

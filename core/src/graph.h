@@ -1,0 +1,30 @@
+// Shared graph builders on stock ggml ops (DESIGN.md rule 1): every backend runs what they make.
+#pragma once
+
+#include "ggml.h"
+
+#include <stdint.h>
+
+// Names an intermediate "<name>-<il>" so it can be found in the graph for inspection and tests.
+void vtrim_cb(struct ggml_tensor * t, const char * name, int il);
+
+struct ggml_tensor * vtrim_build_rms_norm(struct ggml_context * ctx, struct ggml_tensor * x, struct ggml_tensor * w,
+                                          float eps);
+struct ggml_tensor * vtrim_build_layer_norm(struct ggml_context * ctx, struct ggml_tensor * x,
+                                            struct ggml_tensor * w, struct ggml_tensor * b, float eps);
+// y = W x + b; w is [n_in, n_out] in ggml order, b may be NULL.
+struct ggml_tensor * vtrim_build_linear(struct ggml_context * ctx, struct ggml_tensor * x, struct ggml_tensor * w,
+                                        struct ggml_tensor * b);
+// x * sigmoid(1.702 x) in f32 (ggml_gelu_quick reads an f16 table on the CPU: too coarse for parity).
+struct ggml_tensor * vtrim_build_quick_gelu(struct ggml_context * ctx, struct ggml_tensor * x);
+// down(silu(gate(x)) * up(x))
+struct ggml_tensor * vtrim_build_swiglu_ffn(struct ggml_context * ctx, struct ggml_tensor * x,
+                                            struct ggml_tensor * gate, struct ggml_tensor * up,
+                                            struct ggml_tensor * down);
+
+// Softmax attention with explicit probabilities (kept so that reduction methods can read them).
+// q: [head_dim, n_head, n_q]; k, v: [head_dim, n_head_kv, n_kv] (views into a cache are fine);
+// mask: [n_kv, n_q] additive (0 / -INF) or NULL. n_head must be a multiple of n_head_kv (GQA).
+// Returns [head_dim * n_head, n_q].
+struct ggml_tensor * vtrim_build_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                      struct ggml_tensor * v, struct ggml_tensor * mask, float scale, int il);

@@ -1,0 +1,28 @@
+// The decoder's self-attention KV cache: per layer, K and V rows of n_embd_kv values, token-major, so that
+// a reduction can compact a layer with get_rows. Each layer counts its own rows: after FastV the layers
+// past K hold fewer tokens than the layers before it.
+#pragma once
+
+#include "ggml.h"
+#include "ggml-backend.h"
+
+#include <stdint.h>
+
+struct vtrim_kv_cache {
+    struct ggml_context * ctx;
+    ggml_backend_buffer_t buf;
+    enum ggml_type        type;
+    int32_t               n_layer;
+    int32_t               n_ctx;
+    int32_t               n_embd_kv;
+    struct ggml_tensor ** k;      // [n_embd_kv, n_ctx] per layer
+    struct ggml_tensor ** v;
+    int32_t *             n;      // rows in use per layer
+};
+
+int32_t vtrim_kv_cache_init(struct vtrim_kv_cache * kv, int32_t n_layer, int32_t n_ctx, int32_t n_embd_kv,
+                            enum ggml_type type, ggml_backend_buffer_type_t buft);
+void    vtrim_kv_cache_free(struct vtrim_kv_cache * kv);
+void    vtrim_kv_cache_clear(struct vtrim_kv_cache * kv);
+// Bytes of K and V rows in use, all layers.
+int64_t vtrim_kv_cache_bytes_used(const struct vtrim_kv_cache * kv);
