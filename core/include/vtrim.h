@@ -130,6 +130,44 @@ struct vtrim_sampler_params {
     uint64_t seed;
 };
 
+/* ---- visual-token reduction: policies applied at hooks of the forward pass ---- */
+
+enum vtrim_reduce_method {
+    VTRIM_REDUCE_FASTV = 1      /* FastV: drop image tokens after decoder layer K by layer K-1's attention */
+};
+
+enum vtrim_hook {
+    VTRIM_HOOK_VISION_ENCODER = 0,  /* inside the vision tower                 */
+    VTRIM_HOOK_DECODER_LAYER  = 1,  /* after decoder layer K-1, before layer K  */
+    VTRIM_HOOK_CROSS_ATTN     = 2,  /* at the first cross-attention layer       */
+    VTRIM_HOOK_AFTER_PREFILL  = 3   /* on the KV cache after the prefill        */
+};
+
+enum vtrim_fastv_score {
+    VTRIM_FASTV_SCORE_LAST = 0,     /* the last prompt token's attention (the official code) */
+    VTRIM_FASTV_SCORE_MEAN = 1      /* mean over the text tokens after the last image (the paper) */
+};
+
+/* One policy. Fields of other methods are ignored. */
+struct vtrim_reduce_params {
+    int32_t method;             /* enum vtrim_reduce_method */
+    int32_t fastv_k;            /* layers 0..K-1 see every token; 1 <= K < n_layer (default 2) */
+    float   fastv_ratio;        /* fraction of the image tokens dropped, in [0, 1] (default 0.5) */
+    int32_t fastv_score;        /* enum vtrim_fastv_score */
+};
+
+/* What one policy did in the last prefill. */
+struct vtrim_reduce_stage {
+    int32_t method;
+    int32_t hook;               /* enum vtrim_hook */
+    int32_t layer;              /* the first layer that runs on the reduced set */
+    int32_t n_in;               /* image tokens before the stage */
+    int32_t n_kept;             /* image tokens after it */
+    int64_t kv_bytes_full;      /* KV bytes of the layers it shrinks, had nothing been dropped */
+    int64_t kv_bytes_kept;      /* the same layers' KV bytes as held */
+    double  flops_saved;        /* decoder prefill FLOPs it saved (estimate: matmuls + attention) */
+};
+
 /* What the last prefill and the decodes since did. Times in milliseconds. */
 struct vtrim_stats {
     int32_t n_past;              /* tokens in the sequence (positions used)        */
@@ -142,6 +180,9 @@ struct vtrim_stats {
     double  t_prefill_ms;        /* decoder over the prompt                         */
     double  t_decode_ms;         /* all vtrim_decode calls since the prefill        */
     int32_t n_decoded;
+    int32_t n_stages;            /* reduction stages that ran; see vtrim_get_reduce_stage */
+    double  prefill_flops;       /* decoder FLOPs of the last prefill (estimate) */
+    double  prefill_flops_full;  /* the same without any reduction */
 };
 
 /* ---- errors ---------------------------------------------------------------------------------- */
@@ -210,6 +251,15 @@ VTRIM_API int32_t vtrim_decode(struct vtrim_context * ctx, int32_t token);
 /* The logits of the last token (n_vocab floats). */
 VTRIM_API int32_t vtrim_logits(const struct vtrim_context * ctx, float * logits, int32_t n_vocab);
 VTRIM_API int32_t vtrim_get_stats(const struct vtrim_context * ctx, struct vtrim_stats * out);
+
+/* ---- reduction policies: applied, in order, to every later prefill that holds images ---------- */
+
+VTRIM_API void    vtrim_reduce_params_default(int32_t method, struct vtrim_reduce_params * p);
+/* Checks the policy against the model (VTRIM_ERR_INVALID_ARG with the reason: a parameter out of range,
+ * or a method that does not apply to this architecture) and appends it; on error nothing changes. */
+VTRIM_API int32_t vtrim_reduce_add(struct vtrim_context * ctx, const struct vtrim_reduce_params * p);
+VTRIM_API int32_t vtrim_reduce_clear(struct vtrim_context * ctx);
+VTRIM_API int32_t vtrim_get_reduce_stage(const struct vtrim_context * ctx, int32_t i, struct vtrim_reduce_stage * out);
 
 /* ---- sampling -------------------------------------------------------------------------------- */
 

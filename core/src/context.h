@@ -3,6 +3,7 @@
 
 #include "kv_cache.h"
 #include "model.h"
+#include "reduce/reduce.h"
 #include "vtrim.h"
 
 #include "ggml-backend.h"
@@ -24,6 +25,11 @@ struct vtrim_context {
     bool                  has_logits;
     float *               img_embd;     // image embeddings of the current prefill
     size_t                img_embd_cap; // floats
+
+    struct vtrim_reduce_params policies[VTRIM_MAX_POLICIES];
+    int                        n_policies;
+    struct vtrim_reduce_stage  stages[VTRIM_MAX_POLICIES];   // of the last prefill
+    int                        n_stages;
 
     struct vtrim_stats stats;
 };

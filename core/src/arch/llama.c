@@ -2,6 +2,7 @@
 #include "arch/llama.h"
 
 #include "arch/arch.h"
+#include "attn_probe.h"
 #include "error.h"
 #include "graph.h"
 #include "gguf_util.h"
@@ -12,6 +13,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 int32_t vtrim_llama_read_hparams(struct vtrim_model * m, const struct gguf_context * g) {
     struct vtrim_text_hparams * hp = &m->text;
@@ -88,11 +90,9 @@ int32_t vtrim_llama_bind_tensors(struct vtrim_model * m) {
     return 0;
 }
 
-struct ggml_tensor * vtrim_llama_build_inp_embd(struct ggml_context * ctx, const struct vtrim_model * m,
-                                                struct vtrim_llama_inputs * in, int32_t n_text, int32_t n_image,
-                                                int32_t n_tokens) {
+static struct ggml_tensor * build_inp_embd(struct ggml_context * ctx, const struct vtrim_model * m,
+                                           struct vtrim_llama_inputs * in, int32_t n_text, int32_t n_image, int32_t n) {
     struct ggml_tensor * text = NULL, * image = NULL;
-    in->text_ids = in->image_embd = in->order = NULL;
     if (n_text > 0) {
         in->text_ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_text);
         ggml_set_input(in->text_ids);
@@ -107,53 +107,92 @@ struct ggml_tensor * vtrim_llama_build_inp_embd(struct ggml_context * ctx, const
         return text ? text : image;
     }
     // Rows [text..., image...] put back into sequence order.
-    in->order = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
+    in->order = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
     ggml_set_input(in->order);
     return ggml_get_rows(ctx, ggml_concat(ctx, text, image, 1), in->order);
 }
 
-struct ggml_tensor * vtrim_llama_build_decoder(struct ggml_context * ctx, struct ggml_cgraph * gf,
-                                               const struct vtrim_model * m, struct vtrim_kv_cache * kv,
-                                               struct ggml_tensor * cur, struct vtrim_llama_inputs * in) {
+static struct ggml_tensor * mask_for(struct ggml_context * ctx, struct vtrim_llama_inputs * in, int32_t n_cached,
+                                     int32_t n) {
+    for (int i = 0; i < in->n_masks; i++) {
+        if (in->mask_n_cached[i] == n_cached) {
+            return in->mask[i];
+        }
+    }
+    // More distinct cache lengths than masks cannot happen with fewer than VTRIM_MAX_MASKS reduction stages.
+    const int i = in->n_masks < VTRIM_MAX_MASKS ? in->n_masks++ : VTRIM_MAX_MASKS - 1;
+    in->mask[i] = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_cached + n, n);
+    in->mask_n_cached[i] = n_cached;
+    ggml_set_input(in->mask[i]);
+    return in->mask[i];
+}
+
+// Q and K of rows `cur` (already normed) with RoPE at `pos`.
+static void build_qk(struct ggml_context * ctx, const struct vtrim_model * m, const struct vtrim_llama_layer * l,
+                     struct ggml_tensor * cur, struct ggml_tensor * pos, struct ggml_tensor ** q,
+                     struct ggml_tensor ** k) {
     const struct vtrim_text_hparams * hp = &m->text;
-    const int64_t n_tokens = cur->ne[1];
+    const int64_t n = cur->ne[1];
+    // Normal (adjacent-pair) RoPE on Q/K weights that the converter permuted, as llama.cpp does.
+    *q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wq, cur), hp->head_dim, hp->n_head, n);
+    *q = ggml_rope_ext(ctx, *q, pos, NULL, hp->n_rot, 0, hp->n_ctx_train, hp->rope_theta, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+    if (k) {
+        *k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wk, cur), hp->head_dim, hp->n_head_kv, n);
+        *k = ggml_rope_ext(ctx, *k, pos, NULL, hp->n_rot, 0, hp->n_ctx_train, hp->rope_theta, 1.0f, 0.0f, 1.0f, 0.0f,
+                           0.0f);
+    }
+}
+
+static struct ggml_tensor * cache_view(struct ggml_context * ctx, const struct vtrim_kv_cache * kv,
+                                       struct ggml_tensor * t, const struct vtrim_text_hparams * hp, int64_t n_kv) {
+    return ggml_view_3d(ctx, t, hp->head_dim, hp->n_head_kv, n_kv, ggml_row_size(kv->type, hp->head_dim),
+                        ggml_row_size(kv->type, (int64_t) hp->head_dim * hp->n_head_kv), 0);
+}
+
+void vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, const struct vtrim_model * m,
+                       const struct vtrim_kv_cache * kv, int il0, int il1, int32_t n_text, int32_t n_image,
+                       int32_t n, int want, struct vtrim_llama_inputs * in, struct vtrim_llama_outputs * out) {
+    const struct vtrim_text_hparams * hp = &m->text;
     const int64_t n_embd_kv = (int64_t) hp->head_dim * hp->n_head_kv;
-    const int32_t n_past = kv->n[0];
-    const int64_t n_kv = n_past + n_tokens;
     const float scale = 1.0f / sqrtf((float) hp->head_dim);
+    memset(in, 0, sizeof *in);
+    memset(out, 0, sizeof *out);
 
-    in->pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
+    struct ggml_tensor * cur;
+    if (il0 == 0) {
+        cur = build_inp_embd(ctx, m, in, n_text, n_image, n);
+    } else {
+        in->hidden = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, hp->n_embd, n);
+        ggml_set_input(in->hidden);
+        cur = in->hidden;
+    }
+    in->pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
     ggml_set_input(in->pos);
-    in->mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, n_tokens);
-    ggml_set_input(in->mask);
 
-    for (int il = 0; il < hp->n_layer; il++) {
+    for (int il = il0; il < il1; il++) {
         const struct vtrim_llama_layer * l = &m->layers[il];
+        if (il == il1 - 1 && (want & VTRIM_WANT_H_IN_LAST)) {
+            out->h_in_last = cur;
+            ggml_set_output(cur);
+            ggml_build_forward_expand(gf, cur);
+        }
+        const int32_t n_cached = kv->n[il];
         struct ggml_tensor * residual = cur;
         cur = vtrim_build_rms_norm(ctx, cur, l->attn_norm, hp->rms_eps);
         vtrim_cb(cur, "attn_norm", il);
 
-        struct ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wq, cur), hp->head_dim, hp->n_head, n_tokens);
-        struct ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wk, cur), hp->head_dim, hp->n_head_kv, n_tokens);
+        struct ggml_tensor * q, * k;
+        build_qk(ctx, m, l, cur, in->pos, &q, &k);
         struct ggml_tensor * v = ggml_mul_mat(ctx, l->wv, cur);
-        // Normal (adjacent-pair) RoPE on Q/K weights that the converter permuted, as llama.cpp does.
-        q = ggml_rope_ext(ctx, q, in->pos, NULL, hp->n_rot, 0, hp->n_ctx_train, hp->rope_theta, 1.0f, 0.0f, 1.0f,
-                          0.0f, 0.0f);
-        k = ggml_rope_ext(ctx, k, in->pos, NULL, hp->n_rot, 0, hp->n_ctx_train, hp->rope_theta, 1.0f, 0.0f, 1.0f,
-                          0.0f, 0.0f);
-        vtrim_cb(q, "Qcur", il);
-        vtrim_cb(k, "Kcur", il);
 
         const size_t row = ggml_row_size(kv->type, n_embd_kv);
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, n_embd_kv, n_tokens),
-                                               ggml_view_2d(ctx, kv->k[il], n_embd_kv, n_tokens, row, row * n_past)));
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, v,
-                                               ggml_view_2d(ctx, kv->v[il], n_embd_kv, n_tokens, row, row * n_past)));
-        struct ggml_tensor * kc = ggml_view_3d(ctx, kv->k[il], hp->head_dim, hp->n_head_kv, n_kv,
-                                               ggml_row_size(kv->type, hp->head_dim), row, 0);
-        struct ggml_tensor * vc = ggml_view_3d(ctx, kv->v[il], hp->head_dim, hp->n_head_kv, n_kv,
-                                               ggml_row_size(kv->type, hp->head_dim), row, 0);
-        cur = vtrim_build_attn(ctx, q, kc, vc, in->mask, scale, il);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, n_embd_kv, n),
+                                               ggml_view_2d(ctx, kv->k[il], n_embd_kv, n, row, row * n_cached)));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, v, ggml_view_2d(ctx, kv->v[il], n_embd_kv, n, row, row * n_cached)));
+
+        cur = vtrim_build_attn(ctx, q, cache_view(ctx, kv, kv->k[il], hp, n_cached + n),
+                               cache_view(ctx, kv, kv->v[il], hp, n_cached + n), mask_for(ctx, in, n_cached, n),
+                               scale, il);
         cur = ggml_mul_mat(ctx, l->wo, cur);
         cur = ggml_add(ctx, cur, residual);
         vtrim_cb(cur, "attn_out", il);
@@ -164,12 +203,35 @@ struct ggml_tensor * vtrim_llama_build_decoder(struct ggml_context * ctx, struct
         cur = ggml_add(ctx, cur, residual);
         vtrim_cb(cur, "l_out", il);
     }
-    // Only the last position's logits are needed.
-    cur = ggml_view_2d(ctx, cur, hp->n_embd, 1, cur->nb[1], (size_t) (n_tokens - 1) * cur->nb[1]);
-    cur = vtrim_build_rms_norm(ctx, cur, m->output_norm, hp->rms_eps);
-    cur = ggml_mul_mat(ctx, m->output, cur);
-    vtrim_cb(cur, "logits", -1);
-    ggml_set_output(cur);
-    ggml_build_forward_expand(gf, cur);
-    return cur;
+    if (want & VTRIM_WANT_HIDDEN) {
+        out->hidden = cur;
+        ggml_set_output(cur);
+        ggml_build_forward_expand(gf, cur);
+    }
+    if (want & VTRIM_WANT_LOGITS) {
+        // Only the last row's logits are needed.
+        cur = ggml_view_2d(ctx, cur, hp->n_embd, 1, cur->nb[1], (size_t) (n - 1) * cur->nb[1]);
+        cur = vtrim_build_rms_norm(ctx, cur, m->output_norm, hp->rms_eps);
+        cur = ggml_mul_mat(ctx, m->output, cur);
+        vtrim_cb(cur, "logits", -1);
+        out->logits = cur;
+        ggml_set_output(cur);
+        ggml_build_forward_expand(gf, cur);
+    }
+}
+
+struct ggml_tensor * vtrim_llama_build_attn_probe(struct ggml_context * ctx, const struct vtrim_model * m,
+                                                  const struct vtrim_kv_cache * kv, int il, struct ggml_tensor * h,
+                                                  struct ggml_tensor ** pos, struct ggml_tensor ** mask) {
+    const struct vtrim_text_hparams * hp = &m->text;
+    const int64_t n_q = h->ne[1], n_kv = kv->n[il];
+    *pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_q);
+    *mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, n_q);
+    ggml_set_input(*pos);
+    ggml_set_input(*mask);
+    struct ggml_tensor * q;
+    build_qk(ctx, m, &m->layers[il], vtrim_build_rms_norm(ctx, h, m->layers[il].attn_norm, hp->rms_eps), *pos, &q,
+             NULL);
+    return vtrim_attn_probe_mean(ctx, q, cache_view(ctx, kv, kv->k[il], hp, n_kv), *mask,
+                                 1.0f / sqrtf((float) hp->head_dim));
 }

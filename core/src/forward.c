@@ -1,0 +1,151 @@
+#include "forward.h"
+
+#include "arch/llama.h"
+#include "error.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void fill_causal(float * mask, int32_t n_cached, int32_t n) {
+    const int32_t n_kv = n_cached + n;
+    for (int32_t r = 0; r < n; r++) {
+        for (int32_t j = 0; j < n_kv; j++) {
+            mask[(size_t) r * n_kv + j] = j <= n_cached + r ? 0.0f : -INFINITY;
+        }
+    }
+}
+
+// One chunk: rows [a, b).
+static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows * rows, int32_t a, int32_t b, int il0,
+                             int il1, float * h_out, float * h_in_last, bool logits, void * scratch) {
+    const struct vtrim_model * m = c->model;
+    const int32_t n = b - a, n_embd = m->text.n_embd;
+    int32_t * ids = scratch;                        // n
+    int32_t * order = ids + n;                      // n
+    float * img = (float *) (order + n);            // n * n_embd
+    float * mask = img + (size_t) n * n_embd;       // (max n_kv) * n
+    int32_t n_text = 0, n_image = 0;
+    if (il0 == 0) {
+        for (int32_t i = a; i < b; i++) {
+            if (rows->token[i] >= 0) {
+                order[i - a] = n_text;
+                ids[n_text++] = rows->token[i];
+            } else {
+                memcpy(img + (size_t) n_image * n_embd, c->img_embd + (size_t) rows->image_row[i] * n_embd,
+                       sizeof(float) * (size_t) n_embd);
+                order[i - a] = -1 - n_image++;
+            }
+        }
+        for (int32_t i = 0; i < n; i++) {
+            order[i] = order[i] >= 0 ? order[i] : n_text + (-1 - order[i]);
+        }
+    }
+    struct ggml_cgraph * gf;
+    struct ggml_context * gctx = vtrim_context_graph_begin(c, &gf);
+    if (!gctx) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "cannot create a graph context");
+    }
+    const int want = (logits && b == rows->n ? VTRIM_WANT_LOGITS : 0) | (h_out ? VTRIM_WANT_HIDDEN : 0) |
+                     (h_in_last ? VTRIM_WANT_H_IN_LAST : 0);
+    struct vtrim_llama_inputs in;
+    struct vtrim_llama_outputs out;
+    vtrim_llama_build(gctx, gf, m, &c->kv, il0, il1, n_text, n_image, n, want, &in, &out);
+    int32_t rc = vtrim_context_graph_alloc(c, gf);
+    if (rc == 0) {
+        if (in.text_ids) ggml_backend_tensor_set(in.text_ids, ids, 0, ggml_nbytes(in.text_ids));
+        if (in.image_embd) ggml_backend_tensor_set(in.image_embd, img, 0, ggml_nbytes(in.image_embd));
+        if (in.order) ggml_backend_tensor_set(in.order, order, 0, ggml_nbytes(in.order));
+        if (in.hidden) {
+            ggml_backend_tensor_set(in.hidden, rows->hidden + (size_t) a * n_embd, 0, ggml_nbytes(in.hidden));
+        }
+        ggml_backend_tensor_set(in.pos, rows->pos + a, 0, ggml_nbytes(in.pos));
+        for (int i = 0; i < in.n_masks; i++) {
+            fill_causal(mask, in.mask_n_cached[i], n);
+            ggml_backend_tensor_set(in.mask[i], mask, 0, ggml_nbytes(in.mask[i]));
+        }
+        rc = vtrim_context_graph_compute(c, gf);
+    }
+    if (rc == 0) {
+        if (out.hidden) ggml_backend_tensor_get(out.hidden, h_out + (size_t) a * n_embd, 0, ggml_nbytes(out.hidden));
+        if (out.h_in_last) {
+            ggml_backend_tensor_get(out.h_in_last, h_in_last + (size_t) a * n_embd, 0, ggml_nbytes(out.h_in_last));
+        }
+        if (out.logits) {
+            ggml_backend_tensor_get(out.logits, c->logits, 0, ggml_nbytes(out.logits));
+            c->has_logits = true;
+        }
+        for (int il = il0; il < il1; il++) {
+            c->kv.n[il] += n;
+        }
+    }
+    ggml_free(gctx);
+    return rc;
+}
+
+int32_t vtrim_forward(struct vtrim_context * c, const struct vtrim_rows * rows, int il0, int il1, float * h_out,
+                      float * h_in_last, bool logits) {
+    const int32_t n_batch = c->params.n_batch, n_embd = c->model->text.n_embd;
+    int32_t max_cached = 0;
+    for (int il = il0; il < il1; il++) {
+        max_cached = c->kv.n[il] > max_cached ? c->kv.n[il] : max_cached;
+    }
+    const int32_t n_chunk = rows->n < n_batch ? rows->n : n_batch;
+    const size_t scratch_size = sizeof(int32_t) * 2 * (size_t) n_chunk + sizeof(float) * (size_t) n_chunk * n_embd +
+                                sizeof(float) * (size_t) (max_cached + rows->n) * n_chunk;
+    void * scratch = malloc(scratch_size);
+    if (!scratch) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory (%zu bytes of scratch)", scratch_size);
+    }
+    int32_t rc = 0;
+    for (int32_t a = 0; a < rows->n && rc == 0; a += n_batch) {
+        const int32_t b = a + n_batch < rows->n ? a + n_batch : rows->n;
+        rc = forward_chunk(c, rows, a, b, il0, il1, h_out, h_in_last, logits, scratch);
+    }
+    free(scratch);
+    return rc;
+}
+
+int32_t vtrim_probe_attention(struct vtrim_context * c, const struct vtrim_rows * rows, const float * h_in, int il,
+                              const int32_t * q_rows, int32_t n_q, float * scores) {
+    const struct vtrim_model * m = c->model;
+    const int32_t n_embd = m->text.n_embd, n_kv = c->kv.n[il], n_before = n_kv - rows->n;
+    float * h = malloc(sizeof(float) * (size_t) n_q * n_embd);
+    int32_t * pos = malloc(sizeof(int32_t) * (size_t) n_q);
+    float * mask = malloc(sizeof(float) * (size_t) n_q * n_kv);
+    int32_t rc = (h && pos && mask) ? 0 : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    struct ggml_context * gctx = NULL;
+    if (rc == 0) {
+        for (int32_t i = 0; i < n_q; i++) {
+            const int32_t r = q_rows[i];
+            memcpy(h + (size_t) i * n_embd, h_in + (size_t) r * n_embd, sizeof(float) * (size_t) n_embd);
+            pos[i] = rows->pos[r];
+            for (int32_t j = 0; j < n_kv; j++) {
+                mask[(size_t) i * n_kv + j] = j <= n_before + r ? 0.0f : -INFINITY;
+            }
+        }
+        struct ggml_cgraph * gf;
+        gctx = vtrim_context_graph_begin(c, &gf);
+        struct ggml_tensor * hin = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, n_embd, n_q);
+        ggml_set_input(hin);
+        struct ggml_tensor * tpos, * tmask;
+        struct ggml_tensor * p = vtrim_llama_build_attn_probe(gctx, m, &c->kv, il, hin, &tpos, &tmask);
+        ggml_set_output(p);
+        ggml_build_forward_expand(gf, p);
+        if ((rc = vtrim_context_graph_alloc(c, gf)) == 0) {
+            ggml_backend_tensor_set(hin, h, 0, ggml_nbytes(hin));
+            ggml_backend_tensor_set(tpos, pos, 0, ggml_nbytes(tpos));
+            ggml_backend_tensor_set(tmask, mask, 0, ggml_nbytes(tmask));
+            if ((rc = vtrim_context_graph_compute(c, gf)) == 0) {
+                ggml_backend_tensor_get(p, scores, 0, ggml_nbytes(p));
+            }
+        }
+    }
+    if (gctx) {
+        ggml_free(gctx);
+    }
+    free(h);
+    free(pos);
+    free(mask);
+    return rc;
+}

@@ -1,0 +1,26 @@
+// Visual-token reduction policies (DESIGN.md rule 5). A policy is data plus pure functions: the forward
+// pass calls it at its hook with the scores it asked for, and it answers which rows survive. It never
+// reaches back into the context or the API.
+#pragma once
+
+#include "model.h"
+#include "vtrim.h"
+
+#include <stdbool.h>
+
+#define VTRIM_MAX_POLICIES 4
+
+// Checks p against the model; VTRIM_ERR_INVALID_ARG with the reason.
+int32_t vtrim_reduce_validate(const struct vtrim_model * m, const struct vtrim_reduce_params * p);
+enum vtrim_hook vtrim_reduce_hook(const struct vtrim_reduce_params * p);
+// For VTRIM_HOOK_DECODER_LAYER: the first layer that runs on the reduced rows.
+int32_t vtrim_reduce_layer(const struct vtrim_reduce_params * p);
+
+// FastV (fastv.c). The query rows whose layer-(K-1) attention ranks the image rows: the last row, or the
+// text rows after the last image row. Returns their count in q_rows (capacity n).
+int32_t vtrim_fastv_query_rows(const struct vtrim_reduce_params * p, const bool * is_image, int32_t n,
+                               int32_t * q_rows);
+// Marks the image rows to keep: the top int((1 - ratio) * n_image) by score (ties: lower row first).
+// Text rows are always kept. Returns the number of image rows kept.
+int32_t vtrim_fastv_select(const struct vtrim_reduce_params * p, const bool * is_image, const float * scores,
+                           int32_t n, bool * keep);

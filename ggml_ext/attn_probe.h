@@ -1,0 +1,11 @@
+// Attention probes: the attention probabilities of a few query rows, averaged, without the full N x N
+// matrix (flash attention returns no weights; DESIGN.md rule 2). Stock ggml ops only.
+#pragma once
+
+#include "ggml.h"
+
+// q: [head_dim, n_head, n_q]; k: [head_dim, n_head_kv, n_kv] (a cache view is fine);
+// mask: [n_kv, n_q] additive or NULL. Returns F32 [n_kv]: softmax(q k^T * scale + mask) averaged over
+// heads and query rows.
+struct ggml_tensor * vtrim_attn_probe_mean(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                           struct ggml_tensor * mask, float scale);
