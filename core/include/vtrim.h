@@ -260,6 +260,10 @@ VTRIM_API void    vtrim_reduce_params_default(int32_t method, struct vtrim_reduc
 VTRIM_API int32_t vtrim_reduce_add(struct vtrim_context * ctx, const struct vtrim_reduce_params * p);
 VTRIM_API int32_t vtrim_reduce_clear(struct vtrim_context * ctx);
 VTRIM_API int32_t vtrim_get_reduce_stage(const struct vtrim_context * ctx, int32_t i, struct vtrim_reduce_stage * out);
+/* The image rows the decoder's last layers hold after the last prefill, as indices into that prefill's
+ * expanded prompt (each image placeholder counted as its n_image_tokens rows), ascending. */
+VTRIM_API int32_t vtrim_get_kept_image_rows(const struct vtrim_context * ctx, int32_t * rows, int32_t n_max,
+                                            int32_t * n_out);
 
 /* ---- sampling -------------------------------------------------------------------------------- */
 

@@ -123,6 +123,7 @@ void vtrim_context_free(struct vtrim_context * c) {
     free(c->meta);
     free(c->logits);
     free(c->img_embd);
+    free(c->kept_image_rows);
     free(c);
 }
 
@@ -134,6 +135,7 @@ int32_t vtrim_context_reset(struct vtrim_context * c) {
     c->n_past = 0;
     c->has_logits = false;
     c->n_stages = 0;
+    c->n_kept_image_rows = 0;
     memset(&c->stats, 0, sizeof c->stats);
     return 0;
 }

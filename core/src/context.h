@@ -30,6 +30,8 @@ struct vtrim_context {
     int                        n_policies;
     struct vtrim_reduce_stage  stages[VTRIM_MAX_POLICIES];   // of the last prefill
     int                        n_stages;
+    int32_t *                  kept_image_rows;   // of the last prefill, into its expanded prompt
+    int32_t                    n_kept_image_rows;
 
     struct vtrim_stats stats;
 };

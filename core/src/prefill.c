@@ -226,6 +226,22 @@ static int32_t run_prompt(struct vtrim_context * c, struct row_set * rows, bool 
     return rc;
 }
 
+// Which image rows survived, as indices into the expanded prompt (positions are original).
+static int32_t record_kept_rows(struct vtrim_context * c, const struct row_set * rows, int32_t n_kept, int32_t n_past) {
+    int32_t * p = realloc(c->kept_image_rows, sizeof(int32_t) * (size_t) (n_kept > 0 ? n_kept : 1));
+    if (!p) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    c->kept_image_rows = p;
+    c->n_kept_image_rows = 0;
+    for (int32_t i = 0; i < rows->r.n; i++) {
+        if (rows->is_image[i]) {
+            p[c->n_kept_image_rows++] = rows->r.pos[i] - n_past;
+        }
+    }
+    return 0;
+}
+
 static void rollback(struct vtrim_context * c, const int32_t * kv_n, int32_t n_past) {
     memcpy(c->kv.n, kv_n, sizeof(int32_t) * (size_t) c->kv.n_layer);
     c->n_past = n_past;
@@ -287,6 +303,9 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
         rc = run_prompt(c, &rows, n_images > 0, &flops);
     }
     const int32_t n_kept = count_image(&rows);
+    if (rc == 0) {
+        rc = record_kept_rows(c, &rows, n_kept, n_past);
+    }
     row_set_free(&rows);
     if (rc < 0) {
         rollback(c, kv_n, n_past);

@@ -88,3 +88,15 @@ int32_t vtrim_get_reduce_stage(const struct vtrim_context * c, int32_t i, struct
     *out = c->stages[i];
     return 0;
 }
+
+int32_t vtrim_get_kept_image_rows(const struct vtrim_context * c, int32_t * rows, int32_t n_max, int32_t * n_out) {
+    if (!c || !n_out || n_max < 0 || (!rows && n_max > 0)) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_get_kept_image_rows: invalid arguments");
+    }
+    *n_out = c->n_kept_image_rows;
+    if (c->n_kept_image_rows > n_max) {
+        return vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_get_kept_image_rows: needs %d", c->n_kept_image_rows);
+    }
+    memcpy(rows, c->kept_image_rows, sizeof(int32_t) * (size_t) c->n_kept_image_rows);
+    return 0;
+}
