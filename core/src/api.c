@@ -59,15 +59,8 @@ int32_t vtrim_chat_format(const struct vtrim_model * m, const char * question, i
     // LLaVA-1.5 (llava-hf chat template): "USER: <image>\n{question} ASSISTANT:"
     char images[1024] = "";
     size_t used = 0;
-    char piece[256] = "";
-    if (n_images > 0) {
-        int32_t n_piece = 0;
-        const int32_t rc = vtrim_detokenize(m, &m->image_token_id, 1, false, piece, sizeof piece - 1, &n_piece);
-        if (rc < 0) {
-            return rc;
-        }
-        piece[n_piece] = '\0';
-    }
+    // The placeholder's own text (detokenizing would drop it: it is a control token).
+    const char * piece = n_images > 0 ? vtrim_vocab_token_text(m->vocab, m->image_token_id) : "";
     for (int32_t i = 0; i < n_images; i++) {
         const int n = snprintf(images + used, sizeof images - used, "%s\n", piece);
         if (n < 0 || (size_t) n >= sizeof images - used) {
@@ -98,7 +91,16 @@ int32_t vtrim_image_preprocess(const struct vtrim_model * m, const struct vtrim_
     if (!m->has_vision) {
         return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "this model has no vision tower");
     }
-    const int64_t n = 3 * (int64_t) m->image_pp.crop_h * m->image_pp.crop_w;
+    int32_t w = 0, h = 0;
+    int32_t rc = vtrim_image_pp_output_size(image, &m->image_pp, &w, &h);
+    if (rc < 0) {
+        return rc;
+    }
+    if (w != m->vision.image_size || h != m->vision.image_size) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "the image processor makes %dx%d pixels; the vision tower takes %dx%d",
+                          w, h, m->vision.image_size, m->vision.image_size);
+    }
+    const int64_t n = 3 * (int64_t) w * h;
     *n_out = n;
     if (n > n_max) {
         return vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_image_preprocess: needs %lld floats", (long long) n);
