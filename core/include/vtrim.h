@@ -121,7 +121,7 @@ struct vtrim_model_info {
     int64_t n_bytes;             /* bytes of weights                               */
 };
 
-/* Sampling: temperature <= 0 is greedy (argmax, ties to the lower id). Otherwise top_k (<= 0: off),
+/* Sampling: temperature 0 is greedy (argmax, ties to the lower id). Otherwise top_k (0: off),
  * then top_p (>= 1: off), then a draw at the temperature from a generator seeded with `seed`. */
 struct vtrim_sampler_params {
     float    temperature;
@@ -268,7 +268,8 @@ VTRIM_API int32_t vtrim_get_kept_image_rows(const struct vtrim_context * ctx, in
 /* ---- sampling -------------------------------------------------------------------------------- */
 
 VTRIM_API void    vtrim_sampler_params_default(struct vtrim_sampler_params * p);
-/* Fails with VTRIM_ERR_INVALID_ARG for a negative or non-finite temperature, or top_p outside (0, 1]. */
+/* Fails with VTRIM_ERR_INVALID_ARG for a negative or non-finite temperature, a negative top_k, or top_p
+ * outside (0, 1]. */
 VTRIM_API int32_t vtrim_sampler_init(const struct vtrim_sampler_params * p, struct vtrim_sampler ** out);
 VTRIM_API void    vtrim_sampler_free(struct vtrim_sampler * s);
 VTRIM_API int32_t vtrim_sampler_sample(struct vtrim_sampler * s, const struct vtrim_context * ctx, int32_t * token);

@@ -27,3 +27,18 @@ int32_t vtrim_vocab_tokenize(const struct vtrim_vocab * vocab, const char * text
                              bool add_special, int32_t * tokens, int32_t n_max, int32_t * n_out);
 int32_t vtrim_vocab_detokenize(const struct vtrim_vocab * vocab, const int32_t * tokens, int32_t n_tokens,
                                bool remove_leading_space, char * text, int32_t n_max, int32_t * n_out);
+
+// ---- additions ------------------------------------------------------------------------------------
+
+// vtrim_vocab_tokenize with a choice: parse_special false leaves control tokens written in the text as plain
+// text (user-defined tokens are still matched), as llama.cpp's test vectors expect.
+// vtrim_vocab_tokenize is this with parse_special true.
+int32_t vtrim_vocab_tokenize_ex(const struct vtrim_vocab * vocab, const char * text, int32_t text_len,
+                                bool add_special, bool parse_special, int32_t * tokens, int32_t n_max,
+                                int32_t * n_out);
+// A token's text as the vocabulary stores it (SentencePiece "▁", GPT-2 byte alphabet), or NULL out of range.
+const char * vtrim_vocab_token_text(const struct vtrim_vocab * vocab, int32_t token);
+// enum vtrim_token_type of a token, or -1 out of range.
+int32_t vtrim_vocab_token_type(const struct vtrim_vocab * vocab, int32_t token);
+// True for SentencePiece (Llama-2, LLaVA-1.5), false for byte-level BPE (Llama-3, mllama).
+bool    vtrim_vocab_is_spm(const struct vtrim_vocab * vocab);
