@@ -232,6 +232,11 @@ VTRIM_API int32_t vtrim_image_size(const struct vtrim_image * image, int32_t * w
 VTRIM_API int32_t vtrim_image_preprocess(const struct vtrim_model * model, const struct vtrim_image * image,
                                          float * pixels, int64_t n_max, int64_t * n_out);
 
+/* Tiles the image becomes (Llama-3.2-Vision: the canvas chosen among the supported aspect ratios, and its
+ * 1-based aspect ratio id; other models: 1 tile, id 0). vtrim_image_preprocess pads to the model's maximum. */
+VTRIM_API int32_t vtrim_image_tiles(const struct vtrim_model * model, const struct vtrim_image * image,
+                                    int32_t * n_tiles, int32_t * aspect_ratio_id);
+
 /* ---- context: KV cache and compute buffers; one per thread ----------------------------------- */
 
 VTRIM_API void    vtrim_context_params_default(struct vtrim_context_params * p);

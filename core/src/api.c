@@ -1,4 +1,5 @@
 // Entry points of vtrim.h that are thin: versions, backends, text, chat format, preprocessing.
+#include "arch/arch.h"
 #include "error.h"
 #include "image.h"
 #include "model.h"
@@ -33,7 +34,7 @@ int32_t vtrim_tokenize(const struct vtrim_model * m, const char * text, int32_t 
     if (!m || (!text && text_len > 0) || text_len < 0 || n_max < 0 || (!tokens && n_max > 0) || !n_out) {
         return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_tokenize: invalid arguments");
     }
-    return vtrim_vocab_tokenize(m->vocab, text ? text : "", text_len, add_special, tokens, n_max, n_out);
+    return vtrim_arch_tokenize(m, text ? text : "", text_len, add_special, tokens, n_max, n_out);
 }
 
 int32_t vtrim_detokenize(const struct vtrim_model * m, const int32_t * tokens, int32_t n_tokens,
@@ -48,6 +49,40 @@ bool vtrim_token_is_eog(const struct vtrim_model * m, int32_t token) {
     return m && vtrim_vocab_is_eog(m->vocab, token);
 }
 
+// Copies a formatted string into the caller's buffer, which need not hold the NUL.
+static int32_t emit(const char * s, size_t len, char * text, int32_t n_max, int32_t * n_out) {
+    if (len > INT32_MAX) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "prompt too long");
+    }
+    *n_out = (int32_t) len;
+    if ((int32_t) len > n_max) {
+        return vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_chat_format: needs %zu bytes", len);
+    }
+    memcpy(text, s, len);
+    return 0;
+}
+
+// Llama-3.2-Vision's template, one user turn (BOS comes from vtrim_tokenize's add_special):
+// "<|start_header_id|>user<|end_header_id|>\n\n<|image|>{q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+static int32_t format_llama32_vision(const struct vtrim_model * m, const char * question, int32_t n_images, char * text,
+                                     int32_t n_max, int32_t * n_out) {
+    const char * image = n_images > 0 ? vtrim_vocab_token_text(m->vocab, m->image_token_id) : "";
+    const size_t need = strlen(question) + (size_t) n_images * strlen(image) + 128;
+    char * buf = malloc(need);
+    if (!buf) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    size_t len = (size_t) snprintf(buf, need, "<|start_header_id|>user<|end_header_id|>\n\n");
+    for (int32_t i = 0; i < n_images; i++) {
+        len += (size_t) snprintf(buf + len, need - len, "%s", image);
+    }
+    len += (size_t) snprintf(buf + len, need - len, "%s<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+                             question);
+    const int32_t rc = emit(buf, len, text, n_max, n_out);
+    free(buf);
+    return rc;
+}
+
 int32_t vtrim_chat_format(const struct vtrim_model * m, const char * question, int32_t n_images, char * text,
                           int32_t n_max, int32_t * n_out) {
     if (!m || !question || n_images < 0 || n_max < 0 || (!text && n_max > 0) || !n_out) {
@@ -56,11 +91,17 @@ int32_t vtrim_chat_format(const struct vtrim_model * m, const char * question, i
     if (n_images > 0 && m->image_token_id < 0) {
         return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "this model takes no images");
     }
+    if (strcmp(m->chat_format, "llama-3.2-vision") == 0) {
+        return format_llama32_vision(m, question, n_images, text, n_max, n_out);
+    }
     // LLaVA-1.5 (llava-hf chat template): "USER: <image>\n{question} ASSISTANT:"
     char images[1024] = "";
     size_t used = 0;
     // The placeholder's own text (detokenizing would drop it: it is a control token).
-    const char * piece = n_images > 0 ? vtrim_vocab_token_text(m->vocab, m->image_token_id) : "";
+    const char * piece = n_images > 0 ? vtrim_arch_image_placeholder(m) : "";
+    if (!piece) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "this model takes no images");
+    }
     for (int32_t i = 0; i < n_images; i++) {
         const int n = snprintf(images + used, sizeof images - used, "%s\n", piece);
         if (n < 0 || (size_t) n >= sizeof images - used) {
@@ -91,6 +132,15 @@ int32_t vtrim_image_preprocess(const struct vtrim_model * m, const struct vtrim_
     if (!m->has_vision) {
         return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "this model has no vision tower");
     }
+    if (m->arch == VTRIM_ARCH_MLLAMA) {
+        const struct vtrim_mllama_pp * pp = &m->mllama_pp;
+        const int64_t n = (int64_t) pp->max_image_tiles * 3 * pp->tile_size * pp->tile_size;
+        *n_out = n;
+        if (n > n_max) {
+            return vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_image_preprocess: needs %lld floats", (long long) n);
+        }
+        return vtrim_mllama_preprocess(image, pp, pixels, NULL, NULL, NULL, NULL);
+    }
     int32_t w = 0, h = 0;
     int32_t rc = vtrim_image_pp_output_size(image, &m->image_pp, &w, &h);
     if (rc < 0) {
@@ -106,4 +156,23 @@ int32_t vtrim_image_preprocess(const struct vtrim_model * m, const struct vtrim_
         return vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_image_preprocess: needs %lld floats", (long long) n);
     }
     return vtrim_image_preprocess_clip(image, &m->image_pp, pixels);
+}
+
+int32_t vtrim_image_tiles(const struct vtrim_model * m, const struct vtrim_image * image, int32_t * n_tiles,
+                          int32_t * aspect_ratio_id) {
+    if (!m || !image || !n_tiles || !aspect_ratio_id) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_image_tiles: invalid arguments");
+    }
+    if (m->arch != VTRIM_ARCH_MLLAMA) {
+        *n_tiles = m->has_vision ? 1 : 0;
+        *aspect_ratio_id = 0;
+        return m->has_vision ? 0 : vtrim_fail(VTRIM_ERR_UNSUPPORTED, "this model has no vision tower");
+    }
+    struct vtrim_mllama_plan plan;
+    const int32_t rc = vtrim_mllama_plan_image(image->width, image->height, &m->mllama_pp, &plan);
+    if (rc == 0) {
+        *n_tiles = plan.n_tiles;
+        *aspect_ratio_id = plan.aspect_ratio_id;
+    }
+    return rc;
 }

@@ -87,9 +87,15 @@ int32_t vtrim_context_init(struct vtrim_model * model, const struct vtrim_contex
     }
     if (rc == 0) {
         const struct vtrim_text_hparams * hp = &model->text;
-        rc = vtrim_kv_cache_init(&c->kv, hp->n_layer, p.n_ctx, hp->head_dim * hp->n_head_kv,
-                                 p.kv_type == VTRIM_KV_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16,
-                                 ggml_backend_dev_buffer_type(model->dev));
+        bool * skip = calloc((size_t) hp->n_layer, sizeof(bool));
+        for (int il = 0; skip && il < hp->n_layer; il++) {
+            skip[il] = model->layers[il].is_cross;
+        }
+        rc = skip ? vtrim_kv_cache_init(&c->kv, hp->n_layer, p.n_ctx, hp->head_dim * hp->n_head_kv,
+                                        p.kv_type == VTRIM_KV_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16,
+                                        ggml_backend_dev_buffer_type(model->dev), skip)
+                  : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+        free(skip);
     }
     if (rc == 0) {
         c->meta_size = ggml_tensor_overhead() * VTRIM_GRAPH_SIZE + ggml_graph_overhead_custom(VTRIM_GRAPH_SIZE, false);
@@ -120,6 +126,7 @@ void vtrim_context_free(struct vtrim_context * c) {
         }
     }
     vtrim_kv_cache_free(&c->kv);
+    vtrim_cross_cache_free(&c->xc);
     free(c->meta);
     free(c->logits);
     free(c->img_embd);
@@ -132,6 +139,9 @@ int32_t vtrim_context_reset(struct vtrim_context * c) {
         return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_context_reset: ctx is NULL");
     }
     vtrim_kv_cache_clear(&c->kv);
+    c->xc.n = 0;
+    c->xc_n_images = 0;
+    c->last_sees = 0;
     c->n_past = 0;
     c->has_logits = false;
     c->n_stages = 0;
@@ -186,6 +196,6 @@ int32_t vtrim_get_stats(const struct vtrim_context * c, struct vtrim_stats * out
     *out = c->stats;
     out->n_past = c->n_past;
     out->n_stages = c->n_stages;
-    out->kv_cache_bytes = vtrim_kv_cache_bytes_used(&c->kv);
+    out->kv_cache_bytes = vtrim_kv_cache_bytes_used(&c->kv) + vtrim_cross_cache_bytes_used(&c->xc);
     return 0;
 }

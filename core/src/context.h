@@ -20,6 +20,11 @@ struct vtrim_context {
     size_t               meta_size;
 
     struct vtrim_kv_cache kv;
+    struct vtrim_cross_cache xc;        // mllama: image states' K/V per cross-attention layer
+    int32_t               xc_n_images;
+    int32_t               xc_off[8];     // first row of each image in xc
+    int32_t               xc_visible[8]; // rows of each image's real tiles (the padded tiles follow, masked)
+    uint32_t              last_sees;     // images the sequence's last row sees (decoding continues it)
     int32_t               n_past;       // positions used by the sequence
     float *               logits;       // n_vocab
     bool                  has_logits;

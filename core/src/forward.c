@@ -16,6 +16,28 @@ static void fill_causal(float * mask, int32_t n_cached, int32_t n) {
     }
 }
 
+// mllama: which image states rows [a, a + n) cross-attend to. A row that sees no image attends uniformly to
+// every state (HF zeroes its mask row) and its MLP update is dropped (row mask 0).
+static void fill_cross(const struct vtrim_context * c, const struct vtrim_rows * rows, int32_t a, int32_t n,
+                       float * cross_mask, float * row_mask) {
+    const int32_t n_x = c->xc.n;
+    for (int32_t r = 0; r < n; r++) {
+        const uint32_t sees = rows->sees ? rows->sees[a + r] : c->last_sees;
+        float * mr = cross_mask + (size_t) r * n_x;
+        row_mask[r] = sees ? 1.0f : 0.0f;
+        for (int32_t j = 0; j < n_x; j++) {
+            mr[j] = sees ? -INFINITY : 0.0f;
+        }
+        for (int32_t i = 0; i < c->xc_n_images; i++) {
+            if (sees & (1u << i)) {
+                for (int32_t j = c->xc_off[i]; j < c->xc_off[i] + c->xc_visible[i]; j++) {
+                    mr[j] = 0.0f;
+                }
+            }
+        }
+    }
+}
+
 // One chunk: rows [a, b).
 static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows * rows, int32_t a, int32_t b, int il0,
                              int il1, float * h_out, float * h_in_last, bool logits, void * scratch) {
@@ -50,7 +72,8 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
                      (h_in_last ? VTRIM_WANT_H_IN_LAST : 0);
     struct vtrim_llama_inputs in;
     struct vtrim_llama_outputs out;
-    vtrim_llama_build(gctx, gf, m, &c->kv, il0, il1, n_text, n_image, n, want, &in, &out);
+    vtrim_llama_build(gctx, gf, m, &c->kv, m->arch == VTRIM_ARCH_MLLAMA ? &c->xc : NULL, il0, il1, n_text, n_image, n,
+                      want, &in, &out);
     int32_t rc = vtrim_context_graph_alloc(c, gf);
     if (rc == 0) {
         if (in.text_ids) ggml_backend_tensor_set(in.text_ids, ids, 0, ggml_nbytes(in.text_ids));
@@ -64,6 +87,11 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
             fill_causal(mask, in.mask_n_cached[i], n);
             ggml_backend_tensor_set(in.mask[i], mask, 0, ggml_nbytes(in.mask[i]));
         }
+        if (in.cross_mask) {
+            fill_cross(c, rows, a, n, mask, img);
+            ggml_backend_tensor_set(in.cross_mask, mask, 0, ggml_nbytes(in.cross_mask));
+            ggml_backend_tensor_set(in.row_mask, img, 0, ggml_nbytes(in.row_mask));
+        }
         rc = vtrim_context_graph_compute(c, gf);
     }
     if (rc == 0) {
@@ -76,7 +104,7 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
             c->has_logits = true;
         }
         for (int il = il0; il < il1; il++) {
-            c->kv.n[il] += n;
+            c->kv.n[il] += m->layers[il].is_cross ? 0 : n;   // cross layers keep no self-attention rows
         }
     }
     ggml_free(gctx);
@@ -91,8 +119,9 @@ int32_t vtrim_forward(struct vtrim_context * c, const struct vtrim_rows * rows, 
         max_cached = c->kv.n[il] > max_cached ? c->kv.n[il] : max_cached;
     }
     const int32_t n_chunk = rows->n < n_batch ? rows->n : n_batch;
+    const int32_t n_mask_cols = (max_cached + rows->n) > c->xc.n ? (max_cached + rows->n) : c->xc.n;
     const size_t scratch_size = sizeof(int32_t) * 2 * (size_t) n_chunk + sizeof(float) * (size_t) n_chunk * n_embd +
-                                sizeof(float) * (size_t) (max_cached + rows->n) * n_chunk;
+                                sizeof(float) * (size_t) n_mask_cols * n_chunk;
     void * scratch = malloc(scratch_size);
     if (!scratch) {
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory (%zu bytes of scratch)", scratch_size);

@@ -10,6 +10,8 @@ struct vtrim_rows {
     int32_t * token;      // text token id, or -1 for an image row          (entering layer 0)
     int32_t * image_row;  // row of ctx->img_embd for image rows            (entering layer 0)
     float *   hidden;     // [n][n_embd] hidden states                      (entering a later layer)
+    uint32_t * sees;      // mllama: the cached images each row cross-attends to (bit i: image i);
+                          // NULL: every row sees what the sequence's last row saw
 };
 
 // Layers [il0, il1) over the rows. h_out ([n][n_embd]) receives the states after layer il1 - 1,

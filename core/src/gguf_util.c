@@ -110,3 +110,40 @@ int32_t vtrim_gguf_f32_array(const struct gguf_context * g, const char * key, fl
     memcpy(out, gguf_get_arr_data(g, id), sizeof(float) * (size_t) n);
     return 0;
 }
+
+int32_t vtrim_gguf_i32_array(const struct gguf_context * g, const char * key, int32_t * out, int32_t n_max,
+                             int32_t * n, bool required) {
+    const int64_t id = gguf_find_key(g, key);
+    if (id < 0) {
+        return missing(key, required);
+    }
+    if (gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY) {
+        return vtrim_fail(VTRIM_ERR_FORMAT, "key '%s' is not an array", key);
+    }
+    const enum gguf_type t = gguf_get_arr_type(g, id);
+    const size_t count = gguf_get_arr_n(g, id);
+    if (count > (size_t) n_max) {
+        return vtrim_fail(VTRIM_ERR_FORMAT, "key '%s' has %zu values (at most %d)", key, count, n_max);
+    }
+    const void * data = gguf_get_arr_data(g, id);
+    for (size_t i = 0; i < count; i++) {
+        int64_t v;
+        switch (t) {
+            case GGUF_TYPE_INT32:  v = ((const int32_t *) data)[i]; break;
+            case GGUF_TYPE_UINT32: v = ((const uint32_t *) data)[i]; break;
+            case GGUF_TYPE_INT64:  v = ((const int64_t *) data)[i]; break;
+            case GGUF_TYPE_UINT64: v = (int64_t) ((const uint64_t *) data)[i]; break;
+            case GGUF_TYPE_INT16:  v = ((const int16_t *) data)[i]; break;
+            case GGUF_TYPE_UINT16: v = ((const uint16_t *) data)[i]; break;
+            case GGUF_TYPE_INT8:   v = ((const int8_t *) data)[i]; break;
+            case GGUF_TYPE_UINT8:  v = ((const uint8_t *) data)[i]; break;
+            default: return vtrim_fail(VTRIM_ERR_FORMAT, "key '%s' is not an integer array", key);
+        }
+        if (v < INT32_MIN || v > INT32_MAX) {
+            return vtrim_fail(VTRIM_ERR_FORMAT, "key '%s' holds an out-of-range value", key);
+        }
+        out[i] = (int32_t) v;
+    }
+    *n = (int32_t) count;
+    return 0;
+}

@@ -17,3 +17,6 @@ int32_t vtrim_gguf_bool(const struct gguf_context * g, const char * key, bool * 
 int32_t vtrim_gguf_str(const struct gguf_context * g, const char * key, char * out, size_t n, bool required);
 // An array of n floats exactly.
 int32_t vtrim_gguf_f32_array(const struct gguf_context * g, const char * key, float * out, int32_t n, bool required);
+// An integer array of at most n_max values; *n receives the count.
+int32_t vtrim_gguf_i32_array(const struct gguf_context * g, const char * key, int32_t * out, int32_t n_max,
+                             int32_t * n, bool required);

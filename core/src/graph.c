@@ -1,5 +1,9 @@
 #include "graph.h"
 
+struct ggml_tensor * vtrim_f32(struct ggml_context * ctx, struct ggml_tensor * t) {
+    return t->type == GGML_TYPE_F32 ? t : ggml_cast(ctx, t, GGML_TYPE_F32);
+}
+
 void vtrim_cb(struct ggml_tensor * t, const char * name, int il) {
     if (il >= 0) {
         ggml_format_name(t, "%s-%d", name, il);

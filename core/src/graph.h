@@ -5,6 +5,9 @@
 
 #include <stdint.h>
 
+// t as f32 (weights such as position embeddings may be stored f16; elementwise ops want f32).
+struct ggml_tensor * vtrim_f32(struct ggml_context * ctx, struct ggml_tensor * t);
+
 // Names an intermediate "<name>-<il>" so it can be found in the graph for inspection and tests.
 void vtrim_cb(struct ggml_tensor * t, const char * name, int il);
 

@@ -82,3 +82,51 @@ int32_t vtrim_image_pp_output_size(const struct vtrim_image * image, const struc
 // (CHW), as pixel_values[0] of the HF processor.
 int32_t vtrim_image_preprocess_clip(const struct vtrim_image * image, const struct vtrim_image_pp * pp,
                                     float * out);
+
+// ---- Llama-3.2-Vision (mllama) tiling (image_mllama.c) ------------------------------------------
+
+// MllamaImageProcessor (PIL backend): choose a canvas of tiles_h x tiles_w tiles among the supported aspect
+// ratios, resize the image to fit inside it (aspect ratio kept), zero-pad it at the bottom and right to the
+// canvas, rescale and normalise (the padding too: it becomes -mean/std), cut it into tiles row by row.
+// Every image is resized, even one smaller than a tile (it is enlarged to at least one tile's side).
+
+#define VTRIM_MLLAMA_MAX_TILES          16
+#define VTRIM_MLLAMA_MAX_ASPECT_RATIOS  64   // HF's list for 16 tiles has 50 pairs
+#define VTRIM_MLLAMA_MAX_TILE_SIZE    4096
+
+// Zero-initialise and fill (or start from vtrim_mllama_pp_default). HF refuses do_resize or do_pad false,
+// and so do we (VTRIM_ERR_INVALID_ARG).
+struct vtrim_mllama_pp {
+    int32_t tile_size;        // size {"height": S, "width": S}; tiles are S x S
+    int32_t max_image_tiles;  // 1..VTRIM_MLLAMA_MAX_TILES
+    int32_t resample;         // enum vtrim_resample (mllama: BILINEAR)
+    double  rescale_factor;   // 1/255; a float32 1/255 (from a GGUF) is taken as 1/255
+    bool    do_resize, do_rescale, do_normalize, do_pad;
+    float   mean[3], std[3];
+    // The canvases, as (tiles_h, tiles_w) pairs in HF's order: aspect_ratio_id is the index here + 1.
+    // n_aspect_ratios == 0: HF's get_all_supported_aspect_ratios(max_image_tiles) (every w, h with w*h <= max,
+    // w outer, h inner). A given list must hold pairs with tiles_h * tiles_w <= max_image_tiles.
+    int32_t n_aspect_ratios;
+    int32_t aspect_ratios[VTRIM_MLLAMA_MAX_ASPECT_RATIOS][2];
+};
+
+// Llama-3.2-11B-Vision's preprocessor_config.json: 560-pixel tiles, at most 4, bilinear, CLIP's mean/std.
+void vtrim_mllama_pp_default(struct vtrim_mllama_pp * pp);
+
+// What the preprocessing will do with a width x height image, without touching pixels.
+struct vtrim_mllama_plan {
+    int32_t tiles_h, tiles_w;       // the canvas, in tiles; n_tiles = tiles_h * tiles_w
+    int32_t n_tiles;
+    int32_t aspect_ratio_id;        // 1-based index into the aspect ratios (0 is HF's batch padding)
+    int32_t resized_w, resized_h;   // the resized image, at the canvas's top-left corner
+};
+
+// HF's get_optimal_tiled_canvas + get_image_size_fit_to_canvas.
+int32_t vtrim_mllama_plan_image(int32_t width, int32_t height, const struct vtrim_mllama_pp * pp,
+                                struct vtrim_mllama_plan * plan);
+
+// Writes pixel_values[0][0] of the HF processor: out holds max_image_tiles * 3 * S * S floats, tile-major
+// ([tile][channel][y][x]); tiles past n_tiles are zeros. HF's aspect_ratio_mask is 1 for the first n_tiles
+// tiles and 0 after (n_tiles >= 1). Any of the int32_t outputs may be NULL.
+int32_t vtrim_mllama_preprocess(const struct vtrim_image * image, const struct vtrim_mllama_pp * pp, float * out,
+                                int32_t * n_tiles, int32_t * aspect_ratio_id, int32_t * tiles_h, int32_t * tiles_w);

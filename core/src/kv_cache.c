@@ -8,7 +8,7 @@
 #include <string.h>
 
 int32_t vtrim_kv_cache_init(struct vtrim_kv_cache * kv, int32_t n_layer, int32_t n_ctx, int32_t n_embd_kv,
-                            enum ggml_type type, ggml_backend_buffer_type_t buft) {
+                            enum ggml_type type, ggml_backend_buffer_type_t buft, const bool * skip) {
     memset(kv, 0, sizeof *kv);
     kv->type = type;
     kv->n_layer = n_layer;
@@ -25,8 +25,9 @@ int32_t vtrim_kv_cache_init(struct vtrim_kv_cache * kv, int32_t n_layer, int32_t
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory creating the KV cache");
     }
     for (int32_t il = 0; il < n_layer; il++) {
-        kv->k[il] = ggml_new_tensor_2d(kv->ctx, type, n_embd_kv, n_ctx);
-        kv->v[il] = ggml_new_tensor_2d(kv->ctx, type, n_embd_kv, n_ctx);
+        const int32_t rows = skip && skip[il] ? 1 : n_ctx;
+        kv->k[il] = ggml_new_tensor_2d(kv->ctx, type, n_embd_kv, rows);
+        kv->v[il] = ggml_new_tensor_2d(kv->ctx, type, n_embd_kv, rows);
         ggml_format_name(kv->k[il], "cache_k_l%d", il);
         ggml_format_name(kv->v[il], "cache_v_l%d", il);
     }
@@ -63,4 +64,50 @@ int64_t vtrim_kv_cache_bytes_used(const struct vtrim_kv_cache * kv) {
         rows += kv->n[il];
     }
     return 2 * rows * (int64_t) ggml_row_size(kv->type, kv->n_embd_kv);
+}
+
+int32_t vtrim_cross_cache_init(struct vtrim_cross_cache * xc, int32_t n_layer, int32_t n_rows, int32_t n_embd_kv,
+                               enum ggml_type type, ggml_backend_buffer_type_t buft) {
+    memset(xc, 0, sizeof *xc);
+    xc->type = type;
+    xc->n_layer = n_layer;
+    xc->n_rows = n_rows;
+    xc->n_embd_kv = n_embd_kv;
+    xc->k = calloc((size_t) n_layer, sizeof *xc->k);
+    xc->v = calloc((size_t) n_layer, sizeof *xc->v);
+    struct ggml_init_params ip = { .mem_size = (size_t) (2 * n_layer + 1) * ggml_tensor_overhead(),
+                                   .mem_buffer = NULL, .no_alloc = true };
+    xc->ctx = ggml_init(ip);
+    if (!xc->k || !xc->v || !xc->ctx) {
+        vtrim_cross_cache_free(xc);
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory creating the cross-attention cache");
+    }
+    for (int32_t il = 0; il < n_layer; il++) {
+        xc->k[il] = ggml_new_tensor_2d(xc->ctx, type, n_embd_kv, n_rows);
+        xc->v[il] = ggml_new_tensor_2d(xc->ctx, type, n_embd_kv, n_rows);
+        ggml_format_name(xc->k[il], "cross_k_%d", il);
+        ggml_format_name(xc->v[il], "cross_v_%d", il);
+    }
+    xc->buf = ggml_backend_alloc_ctx_tensors_from_buft(xc->ctx, buft);
+    if (!xc->buf) {
+        vtrim_cross_cache_free(xc);
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "cannot allocate the cross-attention cache (%d rows)", n_rows);
+    }
+    return 0;
+}
+
+void vtrim_cross_cache_free(struct vtrim_cross_cache * xc) {
+    if (xc->buf) {
+        ggml_backend_buffer_free(xc->buf);
+    }
+    if (xc->ctx) {
+        ggml_free(xc->ctx);
+    }
+    free(xc->k);
+    free(xc->v);
+    memset(xc, 0, sizeof *xc);
+}
+
+int64_t vtrim_cross_cache_bytes_used(const struct vtrim_cross_cache * xc) {
+    return 2 * (int64_t) xc->n_layer * xc->n * (int64_t) ggml_row_size(xc->type, xc->n_embd_kv);
 }

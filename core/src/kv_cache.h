@@ -6,6 +6,7 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 
+#include <stdbool.h>
 #include <stdint.h>
 
 struct vtrim_kv_cache {
@@ -20,9 +21,29 @@ struct vtrim_kv_cache {
     int32_t *             n;      // rows in use per layer
 };
 
+// skip[il] (or NULL): layers that keep no rows (mllama's cross-attention layers) get a 1-row placeholder.
 int32_t vtrim_kv_cache_init(struct vtrim_kv_cache * kv, int32_t n_layer, int32_t n_ctx, int32_t n_embd_kv,
-                            enum ggml_type type, ggml_backend_buffer_type_t buft);
+                            enum ggml_type type, ggml_backend_buffer_type_t buft, const bool * skip);
 void    vtrim_kv_cache_free(struct vtrim_kv_cache * kv);
 void    vtrim_kv_cache_clear(struct vtrim_kv_cache * kv);
 // Bytes of K and V rows in use, all layers.
 int64_t vtrim_kv_cache_bytes_used(const struct vtrim_kv_cache * kv);
+
+// mllama's cross-attention cache: K and V of the image states for every cross-attention layer, computed
+// once per prefill that brings images and reused by every later token. Rows: image-major, tile, patch.
+struct vtrim_cross_cache {
+    struct ggml_context * ctx;
+    ggml_backend_buffer_t buf;
+    enum ggml_type        type;
+    int32_t               n_layer;     // cross-attention layers
+    int32_t               n_rows;      // capacity
+    int32_t               n_embd_kv;
+    struct ggml_tensor ** k;           // [n_embd_kv, n_rows] per cross layer
+    struct ggml_tensor ** v;
+    int32_t               n;           // rows in use (0: no image yet, the cross layers are skipped)
+};
+
+int32_t vtrim_cross_cache_init(struct vtrim_cross_cache * xc, int32_t n_layer, int32_t n_rows, int32_t n_embd_kv,
+                               enum ggml_type type, ggml_backend_buffer_type_t buft);
+void    vtrim_cross_cache_free(struct vtrim_cross_cache * xc);
+int64_t vtrim_cross_cache_bytes_used(const struct vtrim_cross_cache * xc);

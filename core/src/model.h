@@ -16,6 +16,7 @@ struct vtrim_vocab;
 enum vtrim_arch {
     VTRIM_ARCH_LLAMA,   // text only
     VTRIM_ARCH_LLAVA,   // llama + CLIP ViT + mlp2x projector
+    VTRIM_ARCH_MLLAMA,  // Llama-3.2-Vision: tiled ViT + gated cross-attention layers in the decoder
 };
 
 struct vtrim_text_hparams {
@@ -61,6 +62,36 @@ struct vtrim_llama_layer {
     struct ggml_tensor * wq, * wk, * wv, * wo;
     struct ggml_tensor * ffn_norm;
     struct ggml_tensor * ffn_gate, * ffn_up, * ffn_down;
+    // mllama cross-attention layers (is_cross): wq..wo are the cross projections, applied to the image states
+    bool                 is_cross;
+    int32_t              cross_index;          // among the cross layers
+    struct ggml_tensor * q_norm, * k_norm;     // RMSNorm over head_dim
+    struct ggml_tensor * attn_gate, * mlp_gate;  // [1], tanh-gated
+};
+
+// mllama's vision tower: local layers over all tiles, then gated global layers.
+struct vtrim_mllama_vision_layer {
+    struct ggml_tensor * ln1_w, * ln1_b, * ln2_w, * ln2_b;
+    struct ggml_tensor * q_w, * k_w, * v_w, * o_w;
+    struct ggml_tensor * fc1_w, * fc1_b, * fc2_w, * fc2_b;
+    struct ggml_tensor * gate_attn, * gate_ffn;   // global layers only
+};
+
+struct vtrim_mllama_hparams {
+    int32_t tile_size;          // pixels per tile side
+    int32_t patch_size;
+    int32_t n_pos;              // patches per tile + CLS
+    int32_t n_pad;              // rows padding each tile to a multiple of 8 (as HF)
+    int32_t n_embd, n_ff, n_head;
+    int32_t n_layer, n_global_layer;
+    float   eps;
+    int32_t max_tiles;
+    int32_t n_inter;            // intermediate layers concatenated to the output
+    int32_t inter[16];
+    int32_t output_dim;         // n_embd * (1 + n_inter)
+    int32_t n_cross;            // cross-attention layers in the decoder
+    int32_t max_images;         // images one prompt may hold
+    int32_t cross_layers[64];   // decoder indices of the cross-attention layers
 };
 
 struct vtrim_model {
@@ -92,6 +123,15 @@ struct vtrim_model {
     struct ggml_tensor * pre_ln_w, * pre_ln_b, * post_ln_w, * post_ln_b;
     struct vtrim_clip_layer * vlayers;
     struct ggml_tensor * mm0_w, * mm0_b, * mm2_w, * mm2_b;
+
+    // mllama
+    struct vtrim_mllama_hparams mllama;
+    struct vtrim_mllama_pp mllama_pp;                  // MllamaImageProcessor settings (aspect ratios too)
+    struct ggml_tensor * rope_freqs;                   // llama3 RoPE frequency factors, or NULL
+    struct ggml_tensor * mv_pos_gate, * mv_tile_pos, * mv_pre_tile, * mv_pre_tile_gate, * mv_post_tile,
+                       * mv_post_tile_gate;
+    struct vtrim_mllama_vision_layer * mvlayers;       // n_layer local, then n_global_layer global
+    struct ggml_tensor * mm_w, * mm_b;
 };
 
 int32_t vtrim_model_n_vocab(const struct vtrim_model * model);

@@ -1,6 +1,7 @@
 // Prefill and decode: images through the vision tower, the expanded prompt through the decoder in layer
 // ranges split at the reduction hooks, and the stats of what each stage did.
 #include "arch/clip.h"
+#include "arch/mllama.h"
 #include "context.h"
 #include "error.h"
 #include "forward.h"
@@ -54,6 +55,90 @@ static int32_t encode_images(struct vtrim_context * c, struct vtrim_image * cons
     return rc;
 }
 
+// mllama: each image through the vision tower, its states' K/V written into the cross-attention cache.
+static int32_t encode_mllama(struct vtrim_context * c, struct vtrim_image * const * images, int32_t n_images) {
+    const struct vtrim_model * m = c->model;
+    const struct vtrim_mllama_hparams * hp = &m->mllama;
+    const int32_t per_image = hp->max_tiles * hp->n_pos;
+    const int32_t L = hp->max_tiles * (hp->n_pos + hp->n_pad);
+    int32_t rc = 0;
+    if (c->xc.n_rows < n_images * per_image) {
+        vtrim_cross_cache_free(&c->xc);
+        rc = vtrim_cross_cache_init(&c->xc, hp->n_cross, n_images * per_image, m->text.head_dim * m->text.n_head_kv,
+                                    c->kv.type, ggml_backend_dev_buffer_type(m->dev));
+        if (rc < 0) {
+            return rc;
+        }
+    }
+    const size_t n_pix = (size_t) hp->max_tiles * 3 * hp->tile_size * hp->tile_size;
+    float * pixels = malloc(sizeof(float) * n_pix);
+    float * mask = malloc(sizeof(float) * (size_t) L * L);
+    if (!pixels || !mask) {
+        rc = vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for the image");
+    }
+    for (int32_t i = 0; i < n_images && rc == 0; i++) {
+        int32_t n_tiles = 0, ar_id = 0;
+        if ((rc = vtrim_mllama_preprocess(images[i], &m->mllama_pp, pixels, &n_tiles, &ar_id, NULL, NULL)) < 0) {
+            vtrim_fail_prefix(rc, "image %d: ", i);
+            break;
+        }
+        vtrim_mllama_vision_mask(m, n_tiles, mask);
+        struct ggml_cgraph * gf;
+        struct ggml_context * gctx = vtrim_context_graph_begin(c, &gf);
+        if (!gctx) {
+            rc = vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "cannot create a graph context");
+            break;
+        }
+        struct vtrim_mllama_vision_inputs in;
+        struct ggml_tensor * states = vtrim_mllama_build_vision(gctx, gf, m, &in);
+        vtrim_mllama_build_cross_kv(gctx, gf, m, &c->xc, states, i * per_image);
+        if ((rc = vtrim_context_graph_alloc(c, gf)) == 0) {
+            ggml_backend_tensor_set(in.pixels, pixels, 0, ggml_nbytes(in.pixels));
+            ggml_backend_tensor_set(in.ar_id, &ar_id, 0, sizeof ar_id);
+            ggml_backend_tensor_set(in.mask, mask, 0, ggml_nbytes(in.mask));
+            rc = vtrim_context_graph_compute(c, gf);
+        }
+        ggml_free(gctx);
+        c->xc_off[i] = i * per_image;
+        c->xc_visible[i] = n_tiles * hp->n_pos;
+    }
+    free(pixels);
+    free(mask);
+    if (rc == 0) {
+        c->xc.n = n_images * per_image;
+        c->xc_n_images = n_images;
+    }
+    return rc;
+}
+
+// mllama: the images each prompt row cross-attends to, as HF's get_cross_attention_token_mask decides:
+// image k from its token to the next image's token (the last to the end), consecutive images together.
+static void cross_visibility(const struct vtrim_model * m, const int32_t * tokens, int32_t n, uint32_t * sees) {
+    int32_t loc[32], n_img = 0;
+    for (int32_t i = 0; i < n && n_img < 32; i++) {
+        if (tokens[i] == m->image_token_id) {
+            loc[n_img++] = i;
+        }
+    }
+    int32_t end[32];
+    for (int32_t k = 0; k < n_img; k++) {
+        end[k] = k + 1 < n_img ? loc[k + 1] : INT32_MAX;
+    }
+    for (int32_t k = n_img - 2; k >= 0; k--) {
+        if (loc[k] == end[k] - 1) {
+            end[k] = end[k + 1];
+        }
+    }
+    for (int32_t r = 0; r < n; r++) {
+        sees[r] = 0;
+        for (int32_t k = 0; k < n_img; k++) {
+            if (loc[k] <= r && r < end[k]) {
+                sees[r] |= 1u << k;
+            }
+        }
+    }
+}
+
 // The rows of one pass and which of them are image rows.
 struct row_set {
     struct vtrim_rows r;
@@ -61,6 +146,7 @@ struct row_set {
 };
 
 static void row_set_free(struct row_set * s) {
+    free(s->r.sees);
     free(s->r.pos);
     free(s->r.token);
     free(s->r.image_row);
@@ -83,7 +169,8 @@ static int32_t expand_prompt(const struct vtrim_context * c, const int32_t * tok
     }
     int32_t row = 0, image_row = 0;
     for (int32_t t = 0; t < n_tokens; t++) {
-        const bool image = m->has_vision && tokens[t] == m->image_token_id;
+        // LLaVA's placeholder becomes the image's rows; mllama's stays a token (images are cross-attended).
+        const bool image = m->arch == VTRIM_ARCH_LLAVA && tokens[t] == m->image_token_id;
         const int32_t count = image ? m->vision.n_image_tokens : 1;
         for (int32_t j = 0; j < count; j++, row++) {
             s->r.pos[row] = c->n_past + row;
@@ -256,9 +343,9 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
     const struct vtrim_model * m = c->model;
     int32_t n_placeholders = 0;
     for (int32_t i = 0; i < n_tokens; i++) {
-        if (tokens[i] < 0 || tokens[i] >= m->text.n_vocab) {
-            return vtrim_fail(VTRIM_ERR_INVALID_ARG, "token %d at position %d is outside the vocabulary (%d)",
-                              tokens[i], i, m->text.n_vocab);
+        if (tokens[i] < 0 || tokens[i] >= m->tok_embd->ne[1]) {
+            return vtrim_fail(VTRIM_ERR_INVALID_ARG, "token %d at position %d is outside the vocabulary (%lld)",
+                              tokens[i], i, (long long) m->tok_embd->ne[1]);
         }
         n_placeholders += m->has_vision && tokens[i] == m->image_token_id;
     }
@@ -274,8 +361,17 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
             return vtrim_fail(VTRIM_ERR_INVALID_ARG, "image %d is NULL", i);
         }
     }
+    const bool mllama = m->arch == VTRIM_ARCH_MLLAMA;
+    if (mllama && n_images > m->mllama.max_images) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "%d images in one prompt: Llama-3.2-Vision takes at most %d",
+                          n_images, m->mllama.max_images);
+    }
+    if (mllama && n_images > 0 && c->xc_n_images > 0) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "this conversation already has its images: Llama-3.2-Vision takes "
+                          "images in one turn (reset the context for new ones)");
+    }
     const int32_t n_img_tok = m->has_vision ? m->vision.n_image_tokens : 0;
-    const int64_t n_expanded = n_tokens + (int64_t) n_images * (n_img_tok - 1);
+    const int64_t n_expanded = mllama ? n_tokens : n_tokens + (int64_t) n_images * (n_img_tok - 1);
     if (c->n_past + n_expanded > c->params.n_ctx) {
         return vtrim_fail(VTRIM_ERR_CONTEXT_FULL, "the prompt needs %lld positions (%d images of %d tokens) but only "
                           "%d of n_ctx=%d are free", (long long) n_expanded, n_images, n_img_tok,
@@ -293,12 +389,20 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
     }
 
     const int64_t t0 = ggml_time_us();
-    int32_t rc = n_images > 0 ? encode_images(c, images, n_images) : 0;
+    int32_t rc = n_images == 0 ? 0 : mllama ? encode_mllama(c, images, n_images) : encode_images(c, images, n_images);
     const int64_t t1 = ggml_time_us();
     struct row_set rows = {0};
     if (rc == 0) {
         rc = expand_prompt(c, tokens, n_tokens, (int32_t) n_expanded, &rows);
     }
+    if (rc == 0 && mllama && n_images > 0) {
+        rows.r.sees = malloc(sizeof(uint32_t) * (size_t) n_expanded);
+        rc = rows.r.sees ? 0 : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+        if (rc == 0) {
+            cross_visibility(m, tokens, n_tokens, rows.r.sees);
+        }
+    }
+    const uint32_t last_sees = rows.r.sees ? rows.r.sees[n_expanded - 1] : c->last_sees;
     if (rc == 0) {
         rc = run_prompt(c, &rows, n_images > 0, &flops);
     }
@@ -310,17 +414,30 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
     if (rc < 0) {
         rollback(c, kv_n, n_past);
         c->n_stages = 0;
+        if (mllama && n_images > 0) {   // the images of a failed prefill are forgotten with it
+            c->xc.n = 0;
+            c->xc_n_images = 0;
+        }
         free(kv_n);
         return rc;
     }
     free(kv_n);
+    c->last_sees = last_sees;
     c->n_past += (int32_t) n_expanded;
     const int64_t t2 = ggml_time_us();
     memset(&c->stats, 0, sizeof c->stats);
     c->stats.n_prompt_tokens = (int32_t) n_expanded;
     c->stats.n_images = n_images;
-    c->stats.n_image_tokens = n_images * n_img_tok;
-    c->stats.n_image_tokens_kept = n_kept;
+    if (mllama) {   // the image states the text can attend to: the real tiles of each image
+        int32_t n_visible = 0;
+        for (int32_t i = 0; n_images > 0 && i < c->xc_n_images; i++) {
+            n_visible += c->xc_visible[i];
+        }
+        c->stats.n_image_tokens = c->stats.n_image_tokens_kept = n_visible;
+    } else {
+        c->stats.n_image_tokens = n_images * n_img_tok;
+        c->stats.n_image_tokens_kept = n_kept;
+    }
     c->stats.t_encode_ms = (t1 - t0) / 1000.0;
     c->stats.t_prefill_ms = (t2 - t1) / 1000.0;
     c->stats.prefill_flops = flops;
@@ -336,7 +453,7 @@ int32_t vtrim_decode(struct vtrim_context * c, int32_t token) {
         return vtrim_fail(VTRIM_ERR_STATE, "vtrim_decode before vtrim_prefill");
     }
     const struct vtrim_model * m = c->model;
-    if (token < 0 || token >= m->text.n_vocab || (m->has_vision && token == m->image_token_id)) {
+    if (token < 0 || token >= m->tok_embd->ne[1] || (m->has_vision && token == m->image_token_id)) {
         return vtrim_fail(VTRIM_ERR_INVALID_ARG, "cannot decode token %d", token);
     }
     if (c->n_past + 1 > c->params.n_ctx) {

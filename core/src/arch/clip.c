@@ -38,10 +38,24 @@ int32_t vtrim_clip_read_hparams(struct vtrim_model * m, const struct gguf_contex
     const int32_t side = hp->image_size / hp->patch_size;
     hp->n_patches = side * side;
 
-    // llama.cpp's legacy layout stores only the layers that run (n - 1 for LLaVA-1.5); ours stores all
-    // of HF's layers and the feature layer as HF counts it (hidden_states[feature_layer]).
+    // llama.cpp's legacy layout stores only the layers HF runs (n - 1 for LLaVA-1.5's feature layer -2), and
+    // sometimes clip.vision.feature_layer, non-negative as hidden_states counts. Without that key llama.cpp
+    // itself runs one stored layer fewer; we run what HF runs. Ours stores all of HF's layers and the feature
+    // layer as HF counts it (hidden_states[feature_layer], negative from the end).
     int32_t feature_layer = legacy ? hp->n_layer : -2;
-    if (!legacy && (rc = vtrim_gguf_i32(g, "vtrim.vision.feature_layer", &feature_layer, false)) < 0) {
+    if (legacy) {
+        int32_t layers[8], n_layers = 0;
+        if ((rc = vtrim_gguf_i32_array(g, "clip.vision.feature_layer", layers, 8, &n_layers, false)) < 0) {
+            return rc;
+        }
+        if (n_layers > 1) {
+            return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "%d vision feature layers (LLaVA-1.5 takes one)", n_layers);
+        }
+        if (n_layers == 1 && layers[0] < 0) {
+            return vtrim_fail(VTRIM_ERR_FORMAT, "clip.vision.feature_layer %d is negative", layers[0]);
+        }
+        feature_layer = n_layers == 1 ? layers[0] : feature_layer;
+    } else if ((rc = vtrim_gguf_i32(g, "vtrim.vision.feature_layer", &feature_layer, false)) < 0) {
         return rc;
     }
     hp->n_layer_run = feature_layer < 0 ? hp->n_layer + 1 + feature_layer : feature_layer;
@@ -164,7 +178,10 @@ struct ggml_tensor * vtrim_clip_build(struct ggml_context * ctx, struct ggml_cgr
     struct ggml_tensor * kernel = ggml_reshape_2d(ctx, m->patch_embd, cols->ne[0], d);
     struct ggml_tensor * cur = ggml_mul_mat(ctx, kernel, cols);            // [d, n_patches]
     cur = ggml_concat(ctx, ggml_reshape_2d(ctx, m->class_embd, d, 1), cur, 1);   // CLS first
-    cur = ggml_add(ctx, cur, m->pos_embd);
+    // The CPU backend adds only an f32 table to f32 activations; f16 files store the table as f16.
+    struct ggml_tensor * pos = m->pos_embd->type == GGML_TYPE_F32 ? m->pos_embd
+                                                                  : ggml_cast(ctx, m->pos_embd, GGML_TYPE_F32);
+    cur = ggml_add(ctx, cur, pos);
     cur = vtrim_build_layer_norm(ctx, cur, m->pre_ln_w, m->pre_ln_b, hp->eps);
     vtrim_cb(cur, "v_pre_ln", -1);
 

@@ -2,6 +2,7 @@
 #include "arch/llama.h"
 
 #include "arch/arch.h"
+#include "arch/mllama.h"
 #include "attn_probe.h"
 #include "error.h"
 #include "graph.h"
@@ -15,23 +16,25 @@
 #include <stdlib.h>
 #include <string.h>
 
-int32_t vtrim_llama_read_hparams(struct vtrim_model * m, const struct gguf_context * g) {
+int32_t vtrim_llama_read_hparams(struct vtrim_model * m, const struct gguf_context * g, const char * arch) {
     struct vtrim_text_hparams * hp = &m->text;
+    char key[128];
+#define KEY(suffix) (snprintf(key, sizeof key, "%s." suffix, arch), key)
     int32_t rc;
-    if ((rc = vtrim_gguf_i32(g, "llama.embedding_length", &hp->n_embd, true)) < 0 ||
-        (rc = vtrim_gguf_i32(g, "llama.block_count", &hp->n_layer, true)) < 0 ||
-        (rc = vtrim_gguf_i32(g, "llama.feed_forward_length", &hp->n_ff, true)) < 0 ||
-        (rc = vtrim_gguf_i32(g, "llama.attention.head_count", &hp->n_head, true)) < 0) {
+    if ((rc = vtrim_gguf_i32(g, KEY("embedding_length"), &hp->n_embd, true)) < 0 ||
+        (rc = vtrim_gguf_i32(g, KEY("block_count"), &hp->n_layer, true)) < 0 ||
+        (rc = vtrim_gguf_i32(g, KEY("feed_forward_length"), &hp->n_ff, true)) < 0 ||
+        (rc = vtrim_gguf_i32(g, KEY("attention.head_count"), &hp->n_head, true)) < 0) {
         return rc;
     }
     hp->n_head_kv = hp->n_head;
     hp->n_ctx_train = 4096;
     hp->rms_eps = 1e-5f;
     hp->rope_theta = 10000.0f;
-    if ((rc = vtrim_gguf_i32(g, "llama.attention.head_count_kv", &hp->n_head_kv, false)) < 0 ||
-        (rc = vtrim_gguf_i32(g, "llama.context_length", &hp->n_ctx_train, false)) < 0 ||
-        (rc = vtrim_gguf_f32(g, "llama.attention.layer_norm_rms_epsilon", &hp->rms_eps, false)) < 0 ||
-        (rc = vtrim_gguf_f32(g, "llama.rope.freq_base", &hp->rope_theta, false)) < 0) {
+    if ((rc = vtrim_gguf_i32(g, KEY("attention.head_count_kv"), &hp->n_head_kv, false)) < 0 ||
+        (rc = vtrim_gguf_i32(g, KEY("context_length"), &hp->n_ctx_train, false)) < 0 ||
+        (rc = vtrim_gguf_f32(g, KEY("attention.layer_norm_rms_epsilon"), &hp->rms_eps, false)) < 0 ||
+        (rc = vtrim_gguf_f32(g, KEY("rope.freq_base"), &hp->rope_theta, false)) < 0) {
         return rc;
     }
     if (hp->n_embd <= 0 || hp->n_layer <= 0 || hp->n_ff <= 0 || hp->n_head <= 0 || hp->n_head_kv <= 0 ||
@@ -41,9 +44,10 @@ int32_t vtrim_llama_read_hparams(struct vtrim_model * m, const struct gguf_conte
     }
     hp->head_dim = hp->n_embd / hp->n_head;
     hp->n_rot = hp->head_dim;
-    if ((rc = vtrim_gguf_i32(g, "llama.rope.dimension_count", &hp->n_rot, false)) < 0) {
+    if ((rc = vtrim_gguf_i32(g, KEY("rope.dimension_count"), &hp->n_rot, false)) < 0) {
         return rc;
     }
+#undef KEY
     if (hp->n_rot <= 0 || hp->n_rot > hp->head_dim || hp->n_rot % 2 != 0 || !(hp->rope_theta > 0.0f)) {
         return vtrim_fail(VTRIM_ERR_FORMAT, "invalid rope parameters (dims %d, theta %g)", hp->n_rot, hp->rope_theta);
     }
@@ -55,16 +59,26 @@ int32_t vtrim_llama_bind_tensors(struct vtrim_model * m) {
     const struct vtrim_text_hparams * hp = &m->text;
     const int64_t n_embd = hp->n_embd, n_embd_kv = (int64_t) hp->head_dim * hp->n_head_kv;
     int32_t rc;
-    if ((rc = vtrim_model_tensor(m, "token_embd.weight", n_embd, hp->n_vocab, 1, &m->tok_embd)) < 0 ||
+    if ((rc = vtrim_model_tensor(m, "token_embd.weight", n_embd, -1, 1, &m->tok_embd)) < 0 ||
         (rc = vtrim_model_tensor(m, "output_norm.weight", n_embd, 1, 1, &m->output_norm)) < 0) {
         return rc;
     }
     if (ggml_get_tensor(m->ctx_w, "output.weight")) {
-        if ((rc = vtrim_model_tensor(m, "output.weight", n_embd, hp->n_vocab, 1, &m->output)) < 0) {
+        if ((rc = vtrim_model_tensor(m, "output.weight", n_embd, -1, 1, &m->output)) < 0) {
             return rc;
         }
     } else {
         m->output = m->tok_embd;   // tied embeddings
+    }
+    // Logits cover the output rows; the embedding may hold a few more (mllama), never fewer than the vocabulary.
+    if (m->tok_embd->ne[1] < m->output->ne[1] || m->output->ne[1] > hp->n_vocab || m->output->ne[1] < 1) {
+        return vtrim_fail(VTRIM_ERR_FORMAT, "token_embd has %lld rows, output %lld, the vocabulary %d",
+                          (long long) m->tok_embd->ne[1], (long long) m->output->ne[1], hp->n_vocab);
+    }
+    m->text.n_vocab = (int32_t) m->output->ne[1];
+    m->rope_freqs = ggml_get_tensor(m->ctx_w, "rope_freqs.weight");
+    if (m->rope_freqs && (m->rope_freqs->type != GGML_TYPE_F32 || m->rope_freqs->ne[0] != hp->n_rot / 2)) {
+        return vtrim_fail(VTRIM_ERR_FORMAT, "rope_freqs.weight must be %d f32 values", hp->n_rot / 2);
     }
     m->layers = calloc((size_t) hp->n_layer, sizeof *m->layers);
     if (!m->layers) {
@@ -77,14 +91,20 @@ int32_t vtrim_llama_bind_tensors(struct vtrim_model * m) {
     for (int il = 0; il < hp->n_layer; il++) {
         struct vtrim_llama_layer * l = &m->layers[il];
         W(attn_norm, "attn_norm", n_embd, 1)
-        W(wq, "attn_q", n_embd, n_embd)
-        W(wk, "attn_k", n_embd, n_embd_kv)
-        W(wv, "attn_v", n_embd, n_embd_kv)
-        W(wo, "attn_output", n_embd, n_embd)
         W(ffn_norm, "ffn_norm", n_embd, 1)
         W(ffn_gate, "ffn_gate", n_embd, hp->n_ff)
         W(ffn_up, "ffn_up", n_embd, hp->n_ff)
         W(ffn_down, "ffn_down", hp->n_ff, n_embd)
+        if (vtrim_mllama_cross_index(m, il) >= 0) {
+            if ((rc = vtrim_mllama_bind_cross_layer(m, il)) < 0) {
+                return rc;
+            }
+            continue;
+        }
+        W(wq, "attn_q", n_embd, n_embd)
+        W(wk, "attn_k", n_embd, n_embd_kv)
+        W(wv, "attn_v", n_embd, n_embd_kv)
+        W(wo, "attn_output", n_embd, n_embd)
     }
 #undef W
     return 0;
@@ -135,11 +155,12 @@ static void build_qk(struct ggml_context * ctx, const struct vtrim_model * m, co
     const int64_t n = cur->ne[1];
     // Normal (adjacent-pair) RoPE on Q/K weights that the converter permuted, as llama.cpp does.
     *q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wq, cur), hp->head_dim, hp->n_head, n);
-    *q = ggml_rope_ext(ctx, *q, pos, NULL, hp->n_rot, 0, hp->n_ctx_train, hp->rope_theta, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+    *q = ggml_rope_ext(ctx, *q, pos, m->rope_freqs, hp->n_rot, 0, hp->n_ctx_train, hp->rope_theta, 1.0f, 0.0f, 1.0f,
+                       0.0f, 0.0f);
     if (k) {
         *k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wk, cur), hp->head_dim, hp->n_head_kv, n);
-        *k = ggml_rope_ext(ctx, *k, pos, NULL, hp->n_rot, 0, hp->n_ctx_train, hp->rope_theta, 1.0f, 0.0f, 1.0f, 0.0f,
-                           0.0f);
+        *k = ggml_rope_ext(ctx, *k, pos, m->rope_freqs, hp->n_rot, 0, hp->n_ctx_train, hp->rope_theta, 1.0f, 0.0f,
+                           1.0f, 0.0f, 0.0f);
     }
 }
 
@@ -150,8 +171,9 @@ static struct ggml_tensor * cache_view(struct ggml_context * ctx, const struct v
 }
 
 void vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, const struct vtrim_model * m,
-                       const struct vtrim_kv_cache * kv, int il0, int il1, int32_t n_text, int32_t n_image,
-                       int32_t n, int want, struct vtrim_llama_inputs * in, struct vtrim_llama_outputs * out) {
+                       const struct vtrim_kv_cache * kv, const struct vtrim_cross_cache * xc, int il0, int il1,
+                       int32_t n_text, int32_t n_image, int32_t n, int want, struct vtrim_llama_inputs * in,
+                       struct vtrim_llama_outputs * out) {
     const struct vtrim_text_hparams * hp = &m->text;
     const int64_t n_embd_kv = (int64_t) hp->head_dim * hp->n_head_kv;
     const float scale = 1.0f / sqrtf((float) hp->head_dim);
@@ -168,6 +190,13 @@ void vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, const
     }
     in->pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
     ggml_set_input(in->pos);
+    const bool cross = xc && xc->n > 0;   // cross-attention layers are skipped until an image is cached (HF)
+    if (cross) {
+        in->cross_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, xc->n, n);
+        in->row_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n);
+        ggml_set_input(in->cross_mask);
+        ggml_set_input(in->row_mask);
+    }
 
     for (int il = il0; il < il1; il++) {
         const struct vtrim_llama_layer * l = &m->layers[il];
@@ -175,6 +204,13 @@ void vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, const
             out->h_in_last = cur;
             ggml_set_output(cur);
             ggml_build_forward_expand(gf, cur);
+        }
+        if (l->is_cross) {
+            if (cross) {
+                cur = vtrim_mllama_build_cross_layer(ctx, m, l, xc, cur, in->cross_mask, in->row_mask, il);
+                vtrim_cb(cur, "l_out", il);
+            }
+            continue;
         }
         const int32_t n_cached = kv->n[il];
         struct ggml_tensor * residual = cur;

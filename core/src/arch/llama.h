@@ -15,6 +15,8 @@ struct vtrim_llama_inputs {
     struct ggml_tensor * pos;         // I32 [n]: RoPE positions
     // Causal masks, one per distinct number of cached rows among the layers: mask[i] is
     // [n_cached + n, n], row r seeing columns 0 .. n_cached + r.
+    struct ggml_tensor * cross_mask;  // F32 [xc->n, n]: image states each row sees (mllama)
+    struct ggml_tensor * row_mask;    // F32 [1, n]: 0 for rows that see no image
     int                  n_masks;
     struct ggml_tensor * mask[VTRIM_MAX_MASKS];
     int32_t              mask_n_cached[VTRIM_MAX_MASKS];
@@ -34,9 +36,11 @@ struct vtrim_llama_outputs {
 
 // Layers [il0, il1) over n rows (n_text + n_image of them when il0 == 0), appending their K/V at row
 // kv->n[il] of each layer. Does not advance kv->n.
+// xc: mllama's cross-attention cache, or NULL.
 void vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, const struct vtrim_model * m,
-                       const struct vtrim_kv_cache * kv, int il0, int il1, int32_t n_text, int32_t n_image,
-                       int32_t n, int want, struct vtrim_llama_inputs * in, struct vtrim_llama_outputs * out);
+                       const struct vtrim_kv_cache * kv, const struct vtrim_cross_cache * xc, int il0, int il1,
+                       int32_t n_text, int32_t n_image, int32_t n, int want, struct vtrim_llama_inputs * in,
+                       struct vtrim_llama_outputs * out);
 
 // Mean attention probabilities of layer il for n_q query rows (their hidden states entering layer il,
 // [n_embd, n_q]) over the layer's kv->n[il] cached rows: F32 [kv->n[il]]. Fills *pos (I32 [n_q]) and

@@ -1,0 +1,174 @@
+// Llama-3.2-Vision graphs: the tiled vision tower (as HF's MllamaVisionModel), the cross-attention K/V of
+// the image states, and the gated cross-attention decoder layer.
+#include "arch/mllama.h"
+
+#include "graph.h"
+
+#include <math.h>
+
+// One vision layer; gated layers (global) scale both branches by tanh(gate).
+static struct ggml_tensor * vision_layer(struct ggml_context * ctx, const struct vtrim_mllama_hparams * hp,
+                                         const struct vtrim_mllama_vision_layer * l, struct ggml_tensor * cur,
+                                         struct ggml_tensor * mask, int il) {
+    const int64_t d = hp->n_embd, head_dim = d / hp->n_head, n = cur->ne[1];
+    struct ggml_tensor * residual = cur;
+    cur = vtrim_build_layer_norm(ctx, cur, l->ln1_w, l->ln1_b, hp->eps);
+    struct ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->q_w, cur), head_dim, hp->n_head, n);
+    struct ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->k_w, cur), head_dim, hp->n_head, n);
+    struct ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->v_w, cur), head_dim, hp->n_head, n);
+    cur = vtrim_build_attn(ctx, q, k, v, mask, 1.0f / sqrtf((float) head_dim), 2000 + il);
+    cur = ggml_mul_mat(ctx, l->o_w, cur);
+    if (l->gate_attn) {
+        cur = ggml_mul(ctx, cur, ggml_tanh(ctx, vtrim_f32(ctx, l->gate_attn)));
+    }
+    cur = ggml_add(ctx, cur, residual);
+
+    residual = cur;
+    cur = vtrim_build_layer_norm(ctx, cur, l->ln2_w, l->ln2_b, hp->eps);
+    cur = ggml_gelu_erf(ctx, vtrim_build_linear(ctx, cur, l->fc1_w, l->fc1_b));
+    cur = vtrim_build_linear(ctx, cur, l->fc2_w, l->fc2_b);
+    if (l->gate_ffn) {
+        cur = ggml_mul(ctx, cur, ggml_tanh(ctx, vtrim_f32(ctx, l->gate_ffn)));
+    }
+    return ggml_add(ctx, cur, residual);
+}
+
+// An aspect-ratio embedding row [max_tiles * d] as [d, 1, max_tiles], scaled by tanh(gate).
+static struct ggml_tensor * tile_embd(struct ggml_context * ctx, const struct vtrim_mllama_hparams * hp,
+                                      struct ggml_tensor * table, struct ggml_tensor * gate,
+                                      struct ggml_tensor * ar_id) {
+    struct ggml_tensor * e = ggml_get_rows(ctx, table, ar_id);
+    e = ggml_reshape_3d(ctx, e, hp->n_embd, 1, hp->max_tiles);
+    return ggml_mul(ctx, e, ggml_tanh(ctx, vtrim_f32(ctx, gate)));
+}
+
+// [d, n_pos + n_pad, tiles] -> [d, n_pos * tiles], the padding rows dropped.
+static struct ggml_tensor * unpad(struct ggml_context * ctx, const struct vtrim_mllama_hparams * hp,
+                                  struct ggml_tensor * x) {
+    const int64_t d = hp->n_embd, rows = hp->n_pos + hp->n_pad;
+    x = ggml_reshape_3d(ctx, x, d, rows, hp->max_tiles);
+    x = ggml_view_3d(ctx, x, d, hp->n_pos, hp->max_tiles, x->nb[1], x->nb[2], 0);
+    return ggml_cont_2d(ctx, x, d, (int64_t) hp->n_pos * hp->max_tiles);
+}
+
+struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct ggml_cgraph * gf,
+                                               const struct vtrim_model * m, struct vtrim_mllama_vision_inputs * in) {
+    const struct vtrim_mllama_hparams * hp = &m->mllama;
+    const int64_t d = hp->n_embd, T = hp->max_tiles, side = hp->tile_size / hp->patch_size;
+    const int64_t n_patch = side * side, rows = hp->n_pos + hp->n_pad, L = rows * T;
+
+    in->pixels = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, hp->tile_size, hp->tile_size, 3, T);
+    in->ar_id = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
+    in->mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, L, L);
+    ggml_set_input(in->pixels);
+    ggml_set_input(in->ar_id);
+    ggml_set_input(in->mask);
+
+    // Patch embedding of every tile: im2col in f32 + one matmul (see clip.c).
+    struct ggml_tensor * cols = ggml_im2col(ctx, m->patch_embd, in->pixels, hp->patch_size, hp->patch_size, 0, 0, 1, 1,
+                                            true, GGML_TYPE_F32);            // [3*p*p, side, side, T]
+    cols = ggml_reshape_2d(ctx, cols, cols->ne[0], n_patch * T);
+    struct ggml_tensor * cur = ggml_mul_mat(ctx, ggml_reshape_2d(ctx, m->patch_embd, cols->ne[0], d), cols);
+    cur = ggml_reshape_3d(ctx, cur, d, n_patch, T);
+    cur = ggml_add(ctx, cur, tile_embd(ctx, hp, m->mv_pre_tile, m->mv_pre_tile_gate, in->ar_id));
+
+    // CLS first in every tile, then the gated position embedding:
+    // x + (1 - tanh g) * pos + tanh g * tile_pos[ar] = x + pos + tanh g * (tile_pos[ar] - pos).
+    struct ggml_tensor * cls = ggml_repeat(ctx, ggml_reshape_3d(ctx, vtrim_f32(ctx, m->class_embd), d, 1, 1),
+                                           ggml_new_tensor_3d(ctx, GGML_TYPE_F32, d, 1, T));
+    cur = ggml_concat(ctx, cls, cur, 1);                                       // [d, n_pos, T]
+    struct ggml_tensor * pos = vtrim_f32(ctx, m->pos_embd);                    // [d, n_pos]
+    struct ggml_tensor * tile_pos = ggml_reshape_3d(ctx, ggml_get_rows(ctx, m->mv_tile_pos, in->ar_id), d, hp->n_pos, T);
+    cur = ggml_add(ctx, ggml_add(ctx, cur, pos),
+                   ggml_mul(ctx, ggml_sub(ctx, tile_pos, pos), ggml_tanh(ctx, vtrim_f32(ctx, m->mv_pos_gate))));
+    cur = vtrim_build_layer_norm(ctx, cur, m->pre_ln_w, m->pre_ln_b, hp->eps);
+
+    // Zero rows pad each tile to a multiple of 8, as HF does; the mask treats them like padded tiles.
+    if (hp->n_pad > 0) {
+        cur = ggml_pad(ctx, cur, 0, hp->n_pad, 0, 0);
+    }
+    cur = ggml_reshape_2d(ctx, cur, d, L);
+
+    struct ggml_tensor * inter = NULL;                                         // [n_inter, d, n_pos * T]
+    for (int il = 0; il < hp->n_layer; il++) {
+        cur = vision_layer(ctx, hp, &m->mvlayers[il], cur, in->mask, il);
+        for (int32_t i = 0; i < hp->n_inter; i++) {
+            if (hp->inter[i] == il) {
+                struct ggml_tensor * x = ggml_reshape_3d(ctx, unpad(ctx, hp, cur), 1, d, hp->n_pos * T);
+                inter = inter ? ggml_concat(ctx, inter, x, 0) : x;
+            }
+        }
+    }
+    cur = vtrim_build_layer_norm(ctx, cur, m->post_ln_w, m->post_ln_b, hp->eps);
+    cur = ggml_reshape_3d(ctx, cur, d, rows, T);
+    cur = ggml_add(ctx, cur, tile_embd(ctx, hp, m->mv_post_tile, m->mv_post_tile_gate, in->ar_id));
+    cur = ggml_reshape_2d(ctx, cur, d, L);
+    for (int il = 0; il < hp->n_global_layer; il++) {
+        cur = vision_layer(ctx, hp, &m->mvlayers[hp->n_layer + il], cur, in->mask, 100 + il);
+    }
+    // [global, intermediates interleaved as HF's stack(dim=-1)] per token, then the projector.
+    cur = unpad(ctx, hp, cur);
+    if (inter) {
+        // Intermediate outputs were taken in layer order; HF stacks them in intermediate_layers_indices order.
+        cur = ggml_concat(ctx, cur, ggml_reshape_2d(ctx, inter, d * hp->n_inter, hp->n_pos * T), 0);
+    }
+    cur = vtrim_build_linear(ctx, cur, m->mm_w, m->mm_b);                      // [n_embd_text, n_pos * T]
+    vtrim_cb(cur, "image_states", -1);
+    ggml_set_output(cur);
+    ggml_build_forward_expand(gf, cur);
+    return cur;
+}
+
+void vtrim_mllama_build_cross_kv(struct ggml_context * ctx, struct ggml_cgraph * gf, const struct vtrim_model * m,
+                                 const struct vtrim_cross_cache * xc, struct ggml_tensor * states, int32_t row0) {
+    const struct vtrim_text_hparams * hp = &m->text;
+    const int64_t n = states->ne[1], n_embd_kv = (int64_t) hp->head_dim * hp->n_head_kv;
+    const size_t row = ggml_row_size(xc->type, n_embd_kv);
+    for (int32_t i = 0; i < m->mllama.n_cross; i++) {
+        const struct vtrim_llama_layer * l = &m->layers[m->mllama.cross_layers[i]];
+        struct ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wk, states), hp->head_dim, hp->n_head_kv, n);
+        k = vtrim_build_rms_norm(ctx, k, l->k_norm, hp->rms_eps);
+        struct ggml_tensor * v = ggml_mul_mat(ctx, l->wv, states);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, n_embd_kv, n),
+                                               ggml_view_2d(ctx, xc->k[i], n_embd_kv, n, row, row * row0)));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, v, ggml_view_2d(ctx, xc->v[i], n_embd_kv, n, row, row * row0)));
+    }
+}
+
+struct ggml_tensor * vtrim_mllama_build_cross_layer(struct ggml_context * ctx, const struct vtrim_model * m,
+                                                    const struct vtrim_llama_layer * l,
+                                                    const struct vtrim_cross_cache * xc, struct ggml_tensor * cur,
+                                                    struct ggml_tensor * cross_mask, struct ggml_tensor * row_mask,
+                                                    int il) {
+    const struct vtrim_text_hparams * hp = &m->text;
+    const int64_t n = cur->ne[1];
+    struct ggml_tensor * residual = cur;
+    cur = vtrim_build_rms_norm(ctx, cur, l->attn_norm, hp->rms_eps);
+    struct ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wq, cur), hp->head_dim, hp->n_head, n);
+    q = vtrim_build_rms_norm(ctx, q, l->q_norm, hp->rms_eps);
+    const size_t es = ggml_row_size(xc->type, hp->head_dim), row = ggml_row_size(xc->type, (int64_t) hp->head_dim * hp->n_head_kv);
+    struct ggml_tensor * k = ggml_view_3d(ctx, xc->k[l->cross_index], hp->head_dim, hp->n_head_kv, xc->n, es, row, 0);
+    struct ggml_tensor * v = ggml_view_3d(ctx, xc->v[l->cross_index], hp->head_dim, hp->n_head_kv, xc->n, es, row, 0);
+    cur = vtrim_build_attn(ctx, q, k, v, cross_mask, 1.0f / sqrtf((float) hp->head_dim), il);
+    cur = ggml_mul_mat(ctx, l->wo, cur);
+    cur = ggml_add(ctx, residual, ggml_mul(ctx, cur, ggml_tanh(ctx, vtrim_f32(ctx, l->attn_gate))));
+
+    // Rows that see no image keep HF's uniform attention above but get no MLP update (row_mask 0).
+    residual = cur;
+    cur = vtrim_build_rms_norm(ctx, cur, l->ffn_norm, hp->rms_eps);
+    cur = vtrim_build_swiglu_ffn(ctx, cur, l->ffn_gate, l->ffn_up, l->ffn_down);
+    cur = ggml_mul(ctx, cur, row_mask);
+    return ggml_add(ctx, residual, ggml_mul(ctx, cur, ggml_tanh(ctx, vtrim_f32(ctx, l->mlp_gate))));
+}
+
+void vtrim_mllama_vision_mask(const struct vtrim_model * m, int32_t n_tiles, float * mask) {
+    const struct vtrim_mllama_hparams * hp = &m->mllama;
+    const int32_t rows = hp->n_pos + hp->n_pad, L = rows * hp->max_tiles;
+    for (int32_t i = 0; i < L; i++) {
+        const bool pad_i = i / rows >= n_tiles || i % rows >= hp->n_pos;
+        for (int32_t j = 0; j < L; j++) {
+            const bool pad_j = j / rows >= n_tiles || j % rows >= hp->n_pos;
+            mask[(size_t) i * L + j] = pad_i && pad_j ? -INFINITY : 0.0f;
+        }
+    }
+}
