@@ -103,7 +103,7 @@ struct vtrim_context_params {
 
 /* What the model is, read from the GGUF. Strings point into the model and live as long as it does. */
 struct vtrim_model_info {
-    const char * arch;           /* "llava" or "mllama"                          */
+    const char * arch;           /* "llava", "mllama", or "llama" (text only)     */
     const char * name;           /* general.name, or ""                          */
     int32_t n_vocab;
     int32_t n_ctx_train;

@@ -264,7 +264,7 @@ int32_t vtrim_model_get_info(const struct vtrim_model * m, struct vtrim_model_in
         return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_model_get_info: model and out are required");
     }
     memset(out, 0, sizeof *out);
-    out->arch = m->arch == VTRIM_ARCH_LLAVA ? "llava" : "llama";
+    out->arch = m->arch == VTRIM_ARCH_LLAVA ? "llava" : m->arch == VTRIM_ARCH_MLLAMA ? "mllama" : "llama";
     out->name = m->name;
     out->n_vocab = m->text.n_vocab;
     out->n_ctx_train = m->text.n_ctx_train;
