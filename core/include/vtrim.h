@@ -133,7 +133,8 @@ struct vtrim_sampler_params {
 /* ---- visual-token reduction: policies applied at hooks of the forward pass ---- */
 
 enum vtrim_reduce_method {
-    VTRIM_REDUCE_FASTV = 1      /* FastV: drop image tokens after decoder layer K by layer K-1's attention */
+    VTRIM_REDUCE_FASTV = 1,     /* FastV: drop image tokens after decoder layer K by layer K-1's attention */
+    VTRIM_REDUCE_TRIM  = 2      /* Trimmed Llama: trim the cross-attended image states at the first cross layer */
 };
 
 enum vtrim_hook {
@@ -148,12 +149,21 @@ enum vtrim_fastv_score {
     VTRIM_FASTV_SCORE_MEAN = 1      /* mean over the text tokens after the last image (the paper) */
 };
 
+enum vtrim_trim_mode {
+    VTRIM_TRIM_UNION  = 0,      /* each head keeps its top k_ratio; the union is kept (adapts to the input) */
+    VTRIM_TRIM_BUDGET = 1       /* exactly `keep` of the states by the head-mean score */
+};
+
 /* One policy. Fields of other methods are ignored. */
 struct vtrim_reduce_params {
     int32_t method;             /* enum vtrim_reduce_method */
     int32_t fastv_k;            /* layers 0..K-1 see every token; 1 <= K < n_layer (default 2) */
     float   fastv_ratio;        /* fraction of the image tokens dropped, in [0, 1] (default 0.5) */
     int32_t fastv_score;        /* enum vtrim_fastv_score */
+    float   trim_k_ratio;       /* union mode: fraction each head keeps, in (0, 1] (default 0.25) */
+    int32_t trim_mode;          /* enum vtrim_trim_mode */
+    float   trim_keep;          /* budget mode: fraction kept, in (0, 1] (default 0.5) */
+    bool    trim_first_layer;   /* the first cross layer attends to the kept states too (default: all) */
 };
 
 /* What one policy did in the last prefill. */

@@ -16,24 +16,33 @@ static void fill_causal(float * mask, int32_t n_cached, int32_t n) {
     }
 }
 
-// mllama: which image states rows [a, a + n) cross-attend to. A row that sees no image attends uniformly to
-// every state (HF zeroes its mask row) and its MLP update is dropped (row mask 0).
-static void fill_cross(const struct vtrim_context * c, const struct vtrim_rows * rows, int32_t a, int32_t n,
-                       float * cross_mask, float * row_mask) {
+void vtrim_fill_cross_mask(const struct vtrim_context * c, const uint32_t * sees, int32_t n, float * cross_mask,
+                           float * row_mask) {
     const int32_t n_x = c->xc.n;
     for (int32_t r = 0; r < n; r++) {
-        const uint32_t sees = rows->sees ? rows->sees[a + r] : c->last_sees;
+        const uint32_t s = sees ? sees[r] : c->last_sees;
         float * mr = cross_mask + (size_t) r * n_x;
-        row_mask[r] = sees ? 1.0f : 0.0f;
+        if (row_mask) {
+            row_mask[r] = s ? 1.0f : 0.0f;
+        }
         for (int32_t j = 0; j < n_x; j++) {
-            mr[j] = sees ? -INFINITY : 0.0f;
+            mr[j] = s ? -INFINITY : 0.0f;
         }
         for (int32_t i = 0; i < c->xc_n_images; i++) {
-            if (sees & (1u << i)) {
+            if (s & (1u << i)) {
                 for (int32_t j = c->xc_off[i]; j < c->xc_off[i] + c->xc_visible[i]; j++) {
                     mr[j] = 0.0f;
                 }
             }
+        }
+    }
+}
+
+// The same rows' mask over the kept states only: the columns gathered with the trim's indices.
+static void gather_kept_columns(const struct vtrim_cross_cache * xc, const float * full, int32_t n, float * kept) {
+    for (int32_t r = 0; r < n; r++) {
+        for (int32_t j = 0; j < xc->n_kept; j++) {
+            kept[(size_t) r * xc->n_kept + j] = full[(size_t) r * xc->n + xc->kept[j]];
         }
     }
 }
@@ -46,7 +55,8 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
     int32_t * ids = scratch;                        // n
     int32_t * order = ids + n;                      // n
     float * img = (float *) (order + n);            // n * n_embd
-    float * mask = img + (size_t) n * n_embd;       // (max n_kv) * n
+    const int32_t img_cols = n_embd > 1 + c->xc.n_kept ? n_embd : 1 + c->xc.n_kept;
+    float * mask = img + (size_t) n * img_cols;     // (max n_kv) * n
     int32_t n_text = 0, n_image = 0;
     if (il0 == 0) {
         for (int32_t i = a; i < b; i++) {
@@ -88,9 +98,15 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
             ggml_backend_tensor_set(in.mask[i], mask, 0, ggml_nbytes(in.mask[i]));
         }
         if (in.cross_mask) {
-            fill_cross(c, rows, a, n, mask, img);
+            float * row_mask = img;                       // free again: the image rows are uploaded
+            float * kept = img + n;
+            vtrim_fill_cross_mask(c, rows->sees ? rows->sees + a : NULL, n, mask, row_mask);
             ggml_backend_tensor_set(in.cross_mask, mask, 0, ggml_nbytes(in.cross_mask));
-            ggml_backend_tensor_set(in.row_mask, img, 0, ggml_nbytes(in.row_mask));
+            ggml_backend_tensor_set(in.row_mask, row_mask, 0, ggml_nbytes(in.row_mask));
+            if (in.cross_mask_kept) {
+                gather_kept_columns(&c->xc, mask, n, kept);
+                ggml_backend_tensor_set(in.cross_mask_kept, kept, 0, ggml_nbytes(in.cross_mask_kept));
+            }
         }
         rc = vtrim_context_graph_compute(c, gf);
     }
@@ -120,7 +136,9 @@ int32_t vtrim_forward(struct vtrim_context * c, const struct vtrim_rows * rows, 
     }
     const int32_t n_chunk = rows->n < n_batch ? rows->n : n_batch;
     const int32_t n_mask_cols = (max_cached + rows->n) > c->xc.n ? (max_cached + rows->n) : c->xc.n;
-    const size_t scratch_size = sizeof(int32_t) * 2 * (size_t) n_chunk + sizeof(float) * (size_t) n_chunk * n_embd +
+    // img holds n_embd floats a row, or the row mask and the kept-columns cross mask (n + n_kept a row)
+    const int32_t img_cols = n_embd > 1 + c->xc.n_kept ? n_embd : 1 + c->xc.n_kept;
+    const size_t scratch_size = sizeof(int32_t) * 2 * (size_t) n_chunk + sizeof(float) * (size_t) n_chunk * img_cols +
                                 sizeof(float) * (size_t) n_mask_cols * n_chunk;
     void * scratch = malloc(scratch_size);
     if (!scratch) {

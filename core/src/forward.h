@@ -26,3 +26,9 @@ int32_t vtrim_forward(struct vtrim_context * ctx, const struct vtrim_rows * rows
 // scores receives kv->n[il] floats.
 int32_t vtrim_probe_attention(struct vtrim_context * ctx, const struct vtrim_rows * rows, const float * h_in, int il,
                               const int32_t * q_rows, int32_t n_q, float * scores);
+
+// mllama: the cross-attention mask ([n][xc.n]) of n rows (sees: their images; NULL: the sequence's last row's),
+// and their row mask (n floats, 0 for rows that see no image; may be NULL). A row that sees no image attends
+// uniformly to every state, as HF does.
+void vtrim_fill_cross_mask(const struct vtrim_context * ctx, const uint32_t * sees, int32_t n, float * cross_mask,
+                           float * row_mask);

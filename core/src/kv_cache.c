@@ -67,7 +67,7 @@ int64_t vtrim_kv_cache_bytes_used(const struct vtrim_kv_cache * kv) {
 }
 
 int32_t vtrim_cross_cache_init(struct vtrim_cross_cache * xc, int32_t n_layer, int32_t n_rows, int32_t n_embd_kv,
-                               enum ggml_type type, ggml_backend_buffer_type_t buft) {
+                               enum ggml_type type, ggml_backend_buffer_type_t buft, int32_t n_embd_states) {
     memset(xc, 0, sizeof *xc);
     xc->type = type;
     xc->n_layer = n_layer;
@@ -75,10 +75,11 @@ int32_t vtrim_cross_cache_init(struct vtrim_cross_cache * xc, int32_t n_layer, i
     xc->n_embd_kv = n_embd_kv;
     xc->k = calloc((size_t) n_layer, sizeof *xc->k);
     xc->v = calloc((size_t) n_layer, sizeof *xc->v);
-    struct ggml_init_params ip = { .mem_size = (size_t) (2 * n_layer + 1) * ggml_tensor_overhead(),
+    xc->kept = calloc((size_t) n_rows, sizeof *xc->kept);
+    struct ggml_init_params ip = { .mem_size = (size_t) (2 * n_layer + 2) * ggml_tensor_overhead(),
                                    .mem_buffer = NULL, .no_alloc = true };
     xc->ctx = ggml_init(ip);
-    if (!xc->k || !xc->v || !xc->ctx) {
+    if (!xc->k || !xc->v || !xc->kept || !xc->ctx || n_layer > 64) {
         vtrim_cross_cache_free(xc);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory creating the cross-attention cache");
     }
@@ -87,6 +88,10 @@ int32_t vtrim_cross_cache_init(struct vtrim_cross_cache * xc, int32_t n_layer, i
         xc->v[il] = ggml_new_tensor_2d(xc->ctx, type, n_embd_kv, n_rows);
         ggml_format_name(xc->k[il], "cross_k_%d", il);
         ggml_format_name(xc->v[il], "cross_v_%d", il);
+    }
+    if (n_embd_states > 0) {
+        xc->states = ggml_new_tensor_2d(xc->ctx, GGML_TYPE_F32, n_embd_states, n_rows);
+        ggml_set_name(xc->states, "image_states");
     }
     xc->buf = ggml_backend_alloc_ctx_tensors_from_buft(xc->ctx, buft);
     if (!xc->buf) {
@@ -105,9 +110,18 @@ void vtrim_cross_cache_free(struct vtrim_cross_cache * xc) {
     }
     free(xc->k);
     free(xc->v);
+    free(xc->kept);
     memset(xc, 0, sizeof *xc);
 }
 
+int32_t vtrim_cross_layer_rows(const struct vtrim_cross_cache * xc, int32_t i) {
+    return xc->trimmed[i] ? xc->n_kept : xc->n;
+}
+
 int64_t vtrim_cross_cache_bytes_used(const struct vtrim_cross_cache * xc) {
-    return 2 * (int64_t) xc->n_layer * xc->n * (int64_t) ggml_row_size(xc->type, xc->n_embd_kv);
+    int64_t rows = 0;
+    for (int32_t i = 0; i < xc->n_layer; i++) {
+        rows += vtrim_cross_layer_rows(xc, i);
+    }
+    return 2 * rows * (int64_t) ggml_row_size(xc->type, xc->n_embd_kv);
 }

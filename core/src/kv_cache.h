@@ -41,9 +41,18 @@ struct vtrim_cross_cache {
     struct ggml_tensor ** k;           // [n_embd_kv, n_rows] per cross layer
     struct ggml_tensor ** v;
     int32_t               n;           // rows in use (0: no image yet, the cross layers are skipped)
+    // Trimmed Llama: the layers marked trimmed hold only the kept states (their first n_kept rows),
+    // in the order of kept[] (ascending original rows).
+    int32_t               n_kept;
+    int32_t *             kept;
+    bool                  trimmed[64];
+    struct ggml_tensor *  states;      // F32 [n_embd, n_rows]: the image states, when a trim is to come
 };
 
+// n_embd_states > 0 also keeps the image states (for a trim that computes later layers' K/V from them).
 int32_t vtrim_cross_cache_init(struct vtrim_cross_cache * xc, int32_t n_layer, int32_t n_rows, int32_t n_embd_kv,
-                               enum ggml_type type, ggml_backend_buffer_type_t buft);
+                               enum ggml_type type, ggml_backend_buffer_type_t buft, int32_t n_embd_states);
+// Rows cross layer i attends to.
+int32_t vtrim_cross_layer_rows(const struct vtrim_cross_cache * xc, int32_t i);
 void    vtrim_cross_cache_free(struct vtrim_cross_cache * xc);
 int64_t vtrim_cross_cache_bytes_used(const struct vtrim_cross_cache * xc);

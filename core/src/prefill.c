@@ -1,7 +1,7 @@
 // Prefill and decode: images through the vision tower, the expanded prompt through the decoder in layer
 // ranges split at the reduction hooks, and the stats of what each stage did.
 #include "arch/clip.h"
-#include "arch/mllama.h"
+#include "prefill_mllama.h"
 #include "context.h"
 #include "error.h"
 #include "forward.h"
@@ -53,90 +53,6 @@ static int32_t encode_images(struct vtrim_context * c, struct vtrim_image * cons
     }
     free(pixels);
     return rc;
-}
-
-// mllama: each image through the vision tower, its states' K/V written into the cross-attention cache.
-static int32_t encode_mllama(struct vtrim_context * c, struct vtrim_image * const * images, int32_t n_images) {
-    const struct vtrim_model * m = c->model;
-    const struct vtrim_mllama_hparams * hp = &m->mllama;
-    const int32_t per_image = hp->max_tiles * hp->n_pos;
-    const int32_t L = hp->max_tiles * (hp->n_pos + hp->n_pad);
-    int32_t rc = 0;
-    if (c->xc.n_rows < n_images * per_image) {
-        vtrim_cross_cache_free(&c->xc);
-        rc = vtrim_cross_cache_init(&c->xc, hp->n_cross, n_images * per_image, m->text.head_dim * m->text.n_head_kv,
-                                    c->kv.type, ggml_backend_dev_buffer_type(m->dev));
-        if (rc < 0) {
-            return rc;
-        }
-    }
-    const size_t n_pix = (size_t) hp->max_tiles * 3 * hp->tile_size * hp->tile_size;
-    float * pixels = malloc(sizeof(float) * n_pix);
-    float * mask = malloc(sizeof(float) * (size_t) L * L);
-    if (!pixels || !mask) {
-        rc = vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for the image");
-    }
-    for (int32_t i = 0; i < n_images && rc == 0; i++) {
-        int32_t n_tiles = 0, ar_id = 0;
-        if ((rc = vtrim_mllama_preprocess(images[i], &m->mllama_pp, pixels, &n_tiles, &ar_id, NULL, NULL)) < 0) {
-            vtrim_fail_prefix(rc, "image %d: ", i);
-            break;
-        }
-        vtrim_mllama_vision_mask(m, n_tiles, mask);
-        struct ggml_cgraph * gf;
-        struct ggml_context * gctx = vtrim_context_graph_begin(c, &gf);
-        if (!gctx) {
-            rc = vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "cannot create a graph context");
-            break;
-        }
-        struct vtrim_mllama_vision_inputs in;
-        struct ggml_tensor * states = vtrim_mllama_build_vision(gctx, gf, m, &in);
-        vtrim_mllama_build_cross_kv(gctx, gf, m, &c->xc, states, i * per_image);
-        if ((rc = vtrim_context_graph_alloc(c, gf)) == 0) {
-            ggml_backend_tensor_set(in.pixels, pixels, 0, ggml_nbytes(in.pixels));
-            ggml_backend_tensor_set(in.ar_id, &ar_id, 0, sizeof ar_id);
-            ggml_backend_tensor_set(in.mask, mask, 0, ggml_nbytes(in.mask));
-            rc = vtrim_context_graph_compute(c, gf);
-        }
-        ggml_free(gctx);
-        c->xc_off[i] = i * per_image;
-        c->xc_visible[i] = n_tiles * hp->n_pos;
-    }
-    free(pixels);
-    free(mask);
-    if (rc == 0) {
-        c->xc.n = n_images * per_image;
-        c->xc_n_images = n_images;
-    }
-    return rc;
-}
-
-// mllama: the images each prompt row cross-attends to, as HF's get_cross_attention_token_mask decides:
-// image k from its token to the next image's token (the last to the end), consecutive images together.
-static void cross_visibility(const struct vtrim_model * m, const int32_t * tokens, int32_t n, uint32_t * sees) {
-    int32_t loc[32], n_img = 0;
-    for (int32_t i = 0; i < n && n_img < 32; i++) {
-        if (tokens[i] == m->image_token_id) {
-            loc[n_img++] = i;
-        }
-    }
-    int32_t end[32];
-    for (int32_t k = 0; k < n_img; k++) {
-        end[k] = k + 1 < n_img ? loc[k + 1] : INT32_MAX;
-    }
-    for (int32_t k = n_img - 2; k >= 0; k--) {
-        if (loc[k] == end[k] - 1) {
-            end[k] = end[k + 1];
-        }
-    }
-    for (int32_t r = 0; r < n; r++) {
-        sees[r] = 0;
-        for (int32_t k = 0; k < n_img; k++) {
-            if (loc[k] <= r && r < end[k]) {
-                sees[r] |= 1u << k;
-            }
-        }
-    }
 }
 
 // The rows of one pass and which of them are image rows.
@@ -255,7 +171,16 @@ static int32_t fastv_stage(struct vtrim_context * c, const struct vtrim_reduce_p
     return rc;
 }
 
-// The expanded prompt through all layers, split at the decoder-layer policies.
+static const struct vtrim_reduce_params * trim_policy(const struct vtrim_context * c) {
+    for (int i = 0; i < c->n_policies; i++) {
+        if (vtrim_reduce_hook(&c->policies[i]) == VTRIM_HOOK_CROSS_ATTN) {
+            return &c->policies[i];
+        }
+    }
+    return NULL;
+}
+
+// The expanded prompt through all layers, split at the decoder-layer policies and at the cross-attention trim.
 static int32_t run_prompt(struct vtrim_context * c, struct row_set * rows, bool reduce, double * flops) {
     const struct vtrim_model * m = c->model;
     const struct vtrim_text_hparams * hp = &m->text;
@@ -263,6 +188,22 @@ static int32_t run_prompt(struct vtrim_context * c, struct row_set * rows, bool 
     int il = 0;
     int32_t rc = 0;
     c->n_stages = 0;
+    const struct vtrim_reduce_params * trim = reduce ? trim_policy(c) : NULL;
+    if (trim && c->xc.n > 0) {
+        const int c0 = m->mllama.cross_layers[0];
+        float * h = malloc(sizeof(float) * (size_t) rows->r.n * n_embd);
+        rc = h ? vtrim_forward(c, &rows->r, 0, c0, h, NULL, false) : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+        if (rc == 0) {
+            rc = vtrim_mllama_trim(c, trim, &rows->r, h, &c->stages[c->n_stages]);
+        }
+        free(rows->r.hidden);
+        rows->r.hidden = h;
+        if (rc < 0) {
+            return rc;
+        }
+        c->n_stages++;
+        il = c0;
+    }
     for (int i = 0; reduce && i < c->n_policies && rc == 0; i++) {
         const struct vtrim_reduce_params * p = &c->policies[i];
         if (vtrim_reduce_hook(p) != VTRIM_HOOK_DECODER_LAYER) {
@@ -389,7 +330,7 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
     }
 
     const int64_t t0 = ggml_time_us();
-    int32_t rc = n_images == 0 ? 0 : mllama ? encode_mllama(c, images, n_images) : encode_images(c, images, n_images);
+    int32_t rc = n_images == 0 ? 0 : mllama ? vtrim_mllama_encode(c, images, n_images, trim_policy(c) != NULL) : encode_images(c, images, n_images);
     const int64_t t1 = ggml_time_us();
     struct row_set rows = {0};
     if (rc == 0) {
@@ -399,7 +340,7 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
         rows.r.sees = malloc(sizeof(uint32_t) * (size_t) n_expanded);
         rc = rows.r.sees ? 0 : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
         if (rc == 0) {
-            cross_visibility(m, tokens, n_tokens, rows.r.sees);
+            vtrim_mllama_cross_visibility(m, tokens, n_tokens, rows.r.sees);
         }
     }
     const uint32_t last_sees = rows.r.sees ? rows.r.sees[n_expanded - 1] : c->last_sees;

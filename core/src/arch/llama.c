@@ -196,6 +196,10 @@ void vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, const
         in->row_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n);
         ggml_set_input(in->cross_mask);
         ggml_set_input(in->row_mask);
+        if (xc->n_kept > 0) {
+            in->cross_mask_kept = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, xc->n_kept, n);
+            ggml_set_input(in->cross_mask_kept);
+        }
     }
 
     for (int il = il0; il < il1; il++) {
@@ -207,7 +211,8 @@ void vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, const
         }
         if (l->is_cross) {
             if (cross) {
-                cur = vtrim_mllama_build_cross_layer(ctx, m, l, xc, cur, in->cross_mask, in->row_mask, il);
+                struct ggml_tensor * mask = xc->trimmed[l->cross_index] ? in->cross_mask_kept : in->cross_mask;
+                cur = vtrim_mllama_build_cross_layer(ctx, m, l, xc, cur, mask, in->row_mask, il);
                 vtrim_cb(cur, "l_out", il);
             }
             continue;

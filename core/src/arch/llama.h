@@ -16,6 +16,7 @@ struct vtrim_llama_inputs {
     // Causal masks, one per distinct number of cached rows among the layers: mask[i] is
     // [n_cached + n, n], row r seeing columns 0 .. n_cached + r.
     struct ggml_tensor * cross_mask;  // F32 [xc->n, n]: image states each row sees (mllama)
+    struct ggml_tensor * cross_mask_kept;  // F32 [xc->n_kept, n]: the same, columns of the kept states only
     struct ggml_tensor * row_mask;    // F32 [1, n]: 0 for rows that see no image
     int                  n_masks;
     struct ggml_tensor * mask[VTRIM_MAX_MASKS];

@@ -18,9 +18,16 @@ struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct
 // padding a tile to a multiple of 8) are masked; every other pair is visible. mask: L * L floats.
 void vtrim_mllama_vision_mask(const struct vtrim_model * m, int32_t n_tiles, float * mask);
 
-// K (k_norm applied) and V of the image states for every cross-attention layer, written at row0.
+// K (k_norm applied) and V of the image states for cross layers [i0, i1), written at row0.
 void vtrim_mllama_build_cross_kv(struct ggml_context * ctx, struct ggml_cgraph * gf, const struct vtrim_model * m,
-                                 const struct vtrim_cross_cache * xc, struct ggml_tensor * states, int32_t row0);
+                                 const struct vtrim_cross_cache * xc, struct ggml_tensor * states, int32_t row0,
+                                 int32_t i0, int32_t i1);
+
+// Per-head cross-attention probabilities of cross layer il for n_q query rows (h: their states entering the
+// layer, [n_embd, n_q]; mask: [xc->n, n_q]), averaged over the rows: F32 [xc->n, n_head].
+struct ggml_tensor * vtrim_mllama_build_cross_probe(struct ggml_context * ctx, const struct vtrim_model * m,
+                                                    const struct vtrim_cross_cache * xc, int il, struct ggml_tensor * h,
+                                                    struct ggml_tensor * mask);
 
 // A gated cross-attention decoder layer. cross_mask: [xc->n, n] additive; row_mask: [1, n], 0 for rows that
 // see no image.

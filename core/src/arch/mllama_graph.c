@@ -120,11 +120,12 @@ struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct
 }
 
 void vtrim_mllama_build_cross_kv(struct ggml_context * ctx, struct ggml_cgraph * gf, const struct vtrim_model * m,
-                                 const struct vtrim_cross_cache * xc, struct ggml_tensor * states, int32_t row0) {
+                                 const struct vtrim_cross_cache * xc, struct ggml_tensor * states, int32_t row0,
+                                 int32_t i0, int32_t i1) {
     const struct vtrim_text_hparams * hp = &m->text;
     const int64_t n = states->ne[1], n_embd_kv = (int64_t) hp->head_dim * hp->n_head_kv;
     const size_t row = ggml_row_size(xc->type, n_embd_kv);
-    for (int32_t i = 0; i < m->mllama.n_cross; i++) {
+    for (int32_t i = i0; i < i1; i++) {
         const struct vtrim_llama_layer * l = &m->layers[m->mllama.cross_layers[i]];
         struct ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wk, states), hp->head_dim, hp->n_head_kv, n);
         k = vtrim_build_rms_norm(ctx, k, l->k_norm, hp->rms_eps);
@@ -147,8 +148,9 @@ struct ggml_tensor * vtrim_mllama_build_cross_layer(struct ggml_context * ctx, c
     struct ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wq, cur), hp->head_dim, hp->n_head, n);
     q = vtrim_build_rms_norm(ctx, q, l->q_norm, hp->rms_eps);
     const size_t es = ggml_row_size(xc->type, hp->head_dim), row = ggml_row_size(xc->type, (int64_t) hp->head_dim * hp->n_head_kv);
-    struct ggml_tensor * k = ggml_view_3d(ctx, xc->k[l->cross_index], hp->head_dim, hp->n_head_kv, xc->n, es, row, 0);
-    struct ggml_tensor * v = ggml_view_3d(ctx, xc->v[l->cross_index], hp->head_dim, hp->n_head_kv, xc->n, es, row, 0);
+    const int32_t n_rows = vtrim_cross_layer_rows(xc, l->cross_index);
+    struct ggml_tensor * k = ggml_view_3d(ctx, xc->k[l->cross_index], hp->head_dim, hp->n_head_kv, n_rows, es, row, 0);
+    struct ggml_tensor * v = ggml_view_3d(ctx, xc->v[l->cross_index], hp->head_dim, hp->n_head_kv, n_rows, es, row, 0);
     cur = vtrim_build_attn(ctx, q, k, v, cross_mask, 1.0f / sqrtf((float) hp->head_dim), il);
     cur = ggml_mul_mat(ctx, l->wo, cur);
     cur = ggml_add(ctx, residual, ggml_mul(ctx, cur, ggml_tanh(ctx, vtrim_f32(ctx, l->attn_gate))));
@@ -171,4 +173,24 @@ void vtrim_mllama_vision_mask(const struct vtrim_model * m, int32_t n_tiles, flo
             mask[(size_t) i * L + j] = pad_i && pad_j ? -INFINITY : 0.0f;
         }
     }
+}
+
+struct ggml_tensor * vtrim_mllama_build_cross_probe(struct ggml_context * ctx, const struct vtrim_model * m,
+                                                    const struct vtrim_cross_cache * xc, int il, struct ggml_tensor * h,
+                                                    struct ggml_tensor * mask) {
+    const struct vtrim_text_hparams * hp = &m->text;
+    const struct vtrim_llama_layer * l = &m->layers[il];
+    const int64_t n_q = h->ne[1], n_x = xc->n;
+    struct ggml_tensor * q = vtrim_build_rms_norm(ctx, h, l->attn_norm, hp->rms_eps);
+    q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->wq, q), hp->head_dim, hp->n_head, n_q);
+    q = vtrim_build_rms_norm(ctx, q, l->q_norm, hp->rms_eps);
+    const size_t es = ggml_row_size(xc->type, hp->head_dim), row = ggml_row_size(xc->type, (int64_t) hp->head_dim * hp->n_head_kv);
+    struct ggml_tensor * k = ggml_view_3d(ctx, xc->k[l->cross_index], hp->head_dim, hp->n_head_kv, n_x, es, row, 0);
+    q = ggml_permute(ctx, q, 0, 2, 1, 3);                                   // [head_dim, n_q, n_head]
+    k = ggml_permute(ctx, k, 0, 2, 1, 3);                                   // [head_dim, n_x, n_head_kv]
+    struct ggml_tensor * p = ggml_mul_mat(ctx, k, q);                       // [n_x, n_q, n_head]
+    p = ggml_soft_max_ext(ctx, p, mask, 1.0f / sqrtf((float) hp->head_dim), 0.0f);
+    p = ggml_cont(ctx, ggml_permute(ctx, p, 1, 0, 2, 3));                   // [n_q, n_x, n_head]
+    p = ggml_sum_rows(ctx, p);                                              // [1, n_x, n_head]
+    return ggml_scale(ctx, ggml_reshape_2d(ctx, p, n_x, hp->n_head), 1.0f / (float) n_q);
 }

@@ -15,6 +15,10 @@ void vtrim_reduce_params_default(int32_t method, struct vtrim_reduce_params * p)
     p->fastv_k = 2;
     p->fastv_ratio = 0.5f;
     p->fastv_score = VTRIM_FASTV_SCORE_LAST;
+    p->trim_k_ratio = 0.25f;
+    p->trim_mode = VTRIM_TRIM_UNION;
+    p->trim_keep = 0.5f;
+    p->trim_first_layer = false;
 }
 
 int32_t vtrim_reduce_validate(const struct vtrim_model * m, const struct vtrim_reduce_params * p) {
@@ -35,14 +39,35 @@ int32_t vtrim_reduce_validate(const struct vtrim_model * m, const struct vtrim_r
                 return vtrim_fail(VTRIM_ERR_INVALID_ARG, "FastV score %d: must be last (0) or mean (1)", p->fastv_score);
             }
             return 0;
+        case VTRIM_REDUCE_TRIM:
+            if (m->arch != VTRIM_ARCH_MLLAMA || m->mllama.n_cross == 0) {
+                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "TrimCrossAttn trims cross-attended image states; this model "
+                                  "has no cross-attention layers");
+            }
+            if (m->mllama.cross_layers[0] < 1) {
+                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "TrimCrossAttn needs a self-attention layer before the first "
+                                  "cross-attention layer");
+            }
+            if (p->trim_mode != VTRIM_TRIM_UNION && p->trim_mode != VTRIM_TRIM_BUDGET) {
+                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "TrimCrossAttn mode %d: must be union (0) or budget (1)",
+                                  p->trim_mode);
+            }
+            if (p->trim_mode == VTRIM_TRIM_UNION && !(p->trim_k_ratio > 0.0f && p->trim_k_ratio <= 1.0f)) {
+                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "TrimCrossAttn k_ratio=%g: must be in (0, 1]",
+                                  (double) p->trim_k_ratio);
+            }
+            if (p->trim_mode == VTRIM_TRIM_BUDGET && !(p->trim_keep > 0.0f && p->trim_keep <= 1.0f)) {
+                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "TrimCrossAttn keep=%g: must be in (0, 1]",
+                                  (double) p->trim_keep);
+            }
+            return 0;
         default:
             return vtrim_fail(VTRIM_ERR_INVALID_ARG, "unknown reduction method %d", p->method);
     }
 }
 
 enum vtrim_hook vtrim_reduce_hook(const struct vtrim_reduce_params * p) {
-    (void) p;
-    return VTRIM_HOOK_DECODER_LAYER;
+    return p->method == VTRIM_REDUCE_TRIM ? VTRIM_HOOK_CROSS_ATTN : VTRIM_HOOK_DECODER_LAYER;
 }
 
 int32_t vtrim_reduce_layer(const struct vtrim_reduce_params * p) { return p->fastv_k; }
@@ -54,6 +79,11 @@ int32_t vtrim_reduce_add(struct vtrim_context * c, const struct vtrim_reduce_par
     int32_t rc = vtrim_reduce_validate(c->model, p);
     if (rc < 0) {
         return rc;
+    }
+    for (int i = 0; i < c->n_policies; i++) {
+        if (vtrim_reduce_hook(&c->policies[i]) == VTRIM_HOOK_CROSS_ATTN && vtrim_reduce_hook(p) == VTRIM_HOOK_CROSS_ATTN) {
+            return vtrim_fail(VTRIM_ERR_INVALID_ARG, "one cross-attention trim per context");
+        }
     }
     if (c->n_policies == VTRIM_MAX_POLICIES) {
         return vtrim_fail(VTRIM_ERR_INVALID_ARG, "at most %d reduction policies", VTRIM_MAX_POLICIES);

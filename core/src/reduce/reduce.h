@@ -16,6 +16,14 @@ enum vtrim_hook vtrim_reduce_hook(const struct vtrim_reduce_params * p);
 // For VTRIM_HOOK_DECODER_LAYER: the first layer that runs on the reduced rows.
 int32_t vtrim_reduce_layer(const struct vtrim_reduce_params * p);
 
+// Trimmed Llama (trim.c). scores: [n_head][n_x] per-head mean probabilities of the first cross layer's
+// query rows. Each image i (states [off[i], off[i] + visible[i]), its real tiles) keeps its own share:
+// union mode, the union over heads of each head's top int(k_ratio * visible) (at least 1); budget mode,
+// the top int(keep * visible) (at least 1) by the head-mean. Ties: lower row first. kept: ascending rows.
+int32_t vtrim_trim_select(const struct vtrim_reduce_params * p, const float * scores, int32_t n_head, int32_t n_x,
+                          const int32_t * off, const int32_t * visible, int32_t n_images, int32_t * kept,
+                          int32_t * n_kept);
+
 // FastV (fastv.c). The query rows whose layer-(K-1) attention ranks the image rows: the last row, or the
 // text rows after the last image row. Returns their count in q_rows (capacity n).
 int32_t vtrim_fastv_query_rows(const struct vtrim_reduce_params * p, const bool * is_image, int32_t n,
