@@ -35,7 +35,6 @@ DEMO_CONFIG = {
         "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 512,
     },
 }
-DEMO_PREPROCESSOR = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
 DEMO_NAME = "llava-demo (random weights)"
 DEMO_SEED = 1234
 
@@ -155,8 +154,13 @@ def demo_vocab(n_vocab: int):
 
 
 def write_demo_model(path: Optional[Union[str, os.PathLike]] = None, *, force: bool = False,
-                     outtype: str = "f16") -> Path:
-    """Write the demo GGUF (default ~/.cache/pyvtrim/demo/llava-demo.gguf) unless it exists; return its path."""
+                     outtype: str = "f16", config: Optional[dict] = None) -> Path:
+    """Write the demo GGUF (default ~/.cache/pyvtrim/demo/llava-demo.gguf) unless it exists; return its path.
+
+    ``config`` replaces DEMO_CONFIG (an HF LLaVA config.json as a dict) to write random-weight models of other
+    shapes, e.g. CLIP ViT-L/336 with a 7B Llama for benchmarks.
+    """
+    config = config or DEMO_CONFIG
     from .conversion.llava import image_params, parse_llava_config, write_llava
     from .conversion.tensors import ArraySource
 
@@ -164,9 +168,11 @@ def write_demo_model(path: Optional[Union[str, os.PathLike]] = None, *, force: b
     if out.is_file() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    hp = parse_llava_config(DEMO_CONFIG, "demo config", name=DEMO_NAME)
-    image = image_params(DEMO_PREPROCESSOR, hp.vision, "demo preprocessor")
-    tensors, shapes = demo_tensors(DEMO_CONFIG)
-    vocab = demo_vocab(DEMO_CONFIG["text_config"]["vocab_size"])
+    hp = parse_llava_config(config, "demo config", name=DEMO_NAME)
+    side = config["vision_config"]["image_size"]
+    preprocessor = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
+    image = image_params(preprocessor, hp.vision, "demo preprocessor")
+    tensors, shapes = demo_tensors(config)
+    vocab = demo_vocab(config["text_config"]["vocab_size"])
     write_llava(out, hp, ArraySource(tensors, shapes), vocab, image, outtype, where="demo model")
     return out

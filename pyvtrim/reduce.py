@@ -7,12 +7,13 @@ what every stage did in ``Model.last_stats["stages"]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Sequence, Union
+from typing import Any, Iterable, List, Optional, Sequence, Union
 
-__all__ = ["FastV", "Policy", "policies_of"]
+__all__ = ["FastV", "TrimCrossAttn", "Policy", "policies_of"]
 
 _FASTV_SCORES = {"last": 0, "mean": 1}
-METHOD_NAMES = {1: "fastv"}
+_TRIM_MODES = {"union": 0, "budget": 1}
+METHOD_NAMES = {1: "fastv", 2: "trim"}
 HOOK_NAMES = {0: "vision_encoder", 1: "decoder_layer", 2: "cross_attn", 3: "after_prefill"}
 
 
@@ -43,7 +44,39 @@ class FastV:
         return p
 
 
-Policy = FastV
+@dataclass(frozen=True)
+class TrimCrossAttn:
+    """Trimmed Llama (arXiv 2504.00557) for Llama-3.2-Vision: at the first cross-attention layer, rank each
+    image's visual features by the attention of the text that sees it, and let every later cross-attention
+    layer compute and cache K/V for the kept features only.
+
+    ``mode="union"``: each head keeps its top ``k_ratio`` of the features, the union is kept (the kept share
+    adapts to the input). ``mode="budget"``: exactly ``keep`` (a fraction) by the head-mean score.
+    ``trim_first_layer`` also restricts the first cross-attention layer to the kept features.
+    Padding tiles are never kept.
+    """
+
+    k_ratio: float = 0.25
+    mode: str = "union"
+    keep: Optional[float] = None
+    trim_first_layer: bool = False
+
+    def to_c(self, ffi: Any, lib: Any) -> Any:
+        if self.mode not in _TRIM_MODES:
+            raise ValueError(f"TrimCrossAttn mode={self.mode!r}: must be one of {sorted(_TRIM_MODES)}")
+        if self.mode == "budget" and self.keep is None:
+            raise ValueError("TrimCrossAttn(mode='budget') needs keep= (the fraction of features kept)")
+        p = ffi.new("struct vtrim_reduce_params *")
+        lib.vtrim_reduce_params_default(lib.VTRIM_REDUCE_TRIM, p)
+        p.trim_k_ratio = float(self.k_ratio)
+        p.trim_mode = _TRIM_MODES[self.mode]
+        if self.keep is not None:
+            p.trim_keep = float(self.keep)
+        p.trim_first_layer = bool(self.trim_first_layer)
+        return p
+
+
+Policy = Union[FastV, TrimCrossAttn]
 ReduceArg = Union[None, Policy, Sequence[Policy]]
 
 
@@ -54,8 +87,8 @@ def policies_of(reduce: ReduceArg) -> List[Policy]:
     items: Iterable[Any] = reduce if isinstance(reduce, (list, tuple)) else [reduce]
     out = []
     for r in items:
-        if not isinstance(r, FastV):
-            raise ValueError(f"reduce: {r!r} is not a reduction policy (pyvtrim.FastV)")
+        if not isinstance(r, (FastV, TrimCrossAttn)):
+            raise ValueError(f"reduce: {r!r} is not a reduction policy (pyvtrim.FastV, pyvtrim.TrimCrossAttn)")
         out.append(r)
     return out
 

@@ -167,6 +167,13 @@ static int32_t load(struct vtrim_model * m, const char * path, const char * mmpr
             return rc;
         }
     }
+    // The architecture first: an unknown one is the clearer message than whatever key it lacks.
+    char arch[64] = "";
+    if (!p->vocab_only && vtrim_gguf_str(files[0].gguf, "general.architecture", arch, sizeof arch, false) == 0 &&
+        strcmp(arch, "llama") != 0 && strcmp(arch, "mllama") != 0) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "unknown architecture '%s' (supported: 'llama' with a CLIP vision "
+                          "tower = LLaVA-1.5, 'mllama' = Llama-3.2-Vision)", arch);
+    }
     if ((rc = vtrim_vocab_load(files[0].gguf, &m->vocab)) < 0) {
         return rc;
     }

@@ -112,8 +112,8 @@ int32_t vtrim_get_reduce_stage(const struct vtrim_context * c, int32_t i, struct
     if (!c || !out) {
         return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_get_reduce_stage: ctx and out are required");
     }
-    if (i < 0 || i >= c->stats.n_stages) {
-        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "stage %d of %d", i, c->stats.n_stages);
+    if (i < 0 || i >= c->n_stages) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "stage %d of %d", i, c->n_stages);
     }
     *out = c->stages[i];
     return 0;

@@ -1,0 +1,221 @@
+"""The `pyvtrim` command: chat with a model, run the demo, convert checkpoints, show a model's info.
+
+    pyvtrim chat llava.gguf --image cat.jpg --prompt "What is on the table?"
+    pyvtrim chat llava.gguf --image cat.jpg          # interactive, multi-turn; empty line or EOF quits
+    pyvtrim demo                                     # a tiny random-weight model, end to end
+    pyvtrim convert ...                              # HF -> GGUF (see `pyvtrim convert --help`)
+    pyvtrim info llava.gguf
+
+Answers go to stdout; prompts, timings and errors go to stderr, so `> answers.txt` keeps only answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Optional, TextIO
+
+import numpy as np
+
+DEMO_QUESTION = "What is in the picture?"
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--n-ctx", type=int, default=4096, help="tokens in the KV cache, image tokens included")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="element type of the KV cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyvtrim", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    chat = sub.add_parser("chat", help="ask questions about an image")
+    chat.add_argument("model", help="GGUF file (text + vision, or the text part with --mmproj)")
+    chat.add_argument("--image", required=True, help="image file (JPEG, PNG, BMP, GIF, TGA, PNM)")
+    chat.add_argument("--prompt", help="answer this one question and exit (default: interactive)")
+    chat.add_argument("--mmproj", help="llama.cpp's separate vision GGUF")
+    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    chat.add_argument("--top-k", type=int, default=40)
+    chat.add_argument("--top-p", type=float, default=0.95)
+    chat.add_argument("--seed", type=int, default=0)
+    _add_runtime_args(chat)
+
+    demo = sub.add_parser("demo", help="run a tiny random-weight LLaVA model end to end")
+    demo.add_argument("--max-tokens", type=int, default=32)
+    demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+    sub.add_parser("convert", help="convert a Hugging Face checkpoint to GGUF", add_help=False)
+
+    info = sub.add_parser("info", help="print what a GGUF model is")
+    info.add_argument("model")
+    info.add_argument("--mmproj")
+    return parser
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+
+def _rate(n: float, ms: float) -> str:
+    return f"{1000.0 * n / ms:.1f} tok/s" if ms > 0 and n > 0 else "-"
+
+
+def format_stats(stats: Dict[str, Any], t_first_ms: Optional[float] = None) -> str:
+    """One line of what the last answer cost, from Model.last_stats."""
+    parts = [
+        f"prompt {stats['n_prompt_tokens']} tok ({stats['n_image_tokens']} image, "
+        f"{stats['n_image_tokens_kept']} kept)",
+        f"encode {stats['t_encode_ms']:.0f} ms",
+        f"prefill {stats['t_prefill_ms']:.0f} ms ({_rate(stats['n_prompt_tokens'], stats['t_prefill_ms'])})",
+    ]
+    if t_first_ms is not None:
+        parts.append(f"first token {t_first_ms:.0f} ms")
+    parts += [
+        f"decode {stats['n_decoded']} tok in {stats['t_decode_ms']:.0f} ms "
+        f"({_rate(stats['n_decoded'], stats['t_decode_ms'])})",
+        f"KV {stats['kv_cache_bytes'] / 2**20:.2f} MiB",
+    ]
+    return "[" + ", ".join(parts) + "]"
+
+
+def _print_stream(pieces: Iterable[str], out: TextIO, t_start: float) -> Optional[float]:
+    """Writes pieces as they come; returns ms from t_start to the first piece (None if none came)."""
+    t_first: Optional[float] = None
+    for piece in pieces:
+        if t_first is None:
+            t_first = 1000.0 * (time.perf_counter() - t_start)
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    return t_first
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .model import Model
+
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)
+    with Model(args.model, mmproj=args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads,
+               device=args.device, kv_type=args.kv_type) as m:
+        if args.prompt is not None:
+            t0 = time.perf_counter()
+            t_first = _print_stream(m.chat(args.image, args.prompt, stream=True, **sampling), sys.stdout, t0)
+            print(format_stats(m.last_stats, t_first), file=sys.stderr)
+            return 0
+
+        with m.start_chat(**sampling) as chat:
+            image: Optional[str] = args.image  # the first turn carries the image
+            while True:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+                line = sys.stdin.readline()
+                question = line.strip()
+                if not question:
+                    return 0
+                t0 = time.perf_counter()
+                try:
+                    pieces = chat.ask(question, image, stream=True)
+                except ValueError as e:  # e.g. the conversation no longer fits in n_ctx: say so, go on
+                    print(f"pyvtrim chat: {e}", file=sys.stderr)
+                    continue
+                t_first = _print_stream(pieces, sys.stdout, t0)
+                image = None
+                print(format_stats(m.last_stats, t_first), file=sys.stderr)
+
+
+def demo_image(size: int = 336) -> np.ndarray:
+    """A synthetic RGB picture: a colour gradient with a white disc and a dark square."""
+    y, x = np.mgrid[0:size, 0:size]
+    img = np.empty((size, size, 3), dtype=np.uint8)
+    img[..., 0] = x * 255 // (size - 1)
+    img[..., 1] = y * 255 // (size - 1)
+    img[..., 2] = 160
+    img[(x - size * 0.6) ** 2 + (y - size * 0.4) ** 2 < (size * 0.2) ** 2] = 255
+    img[size * 6 // 10:size * 9 // 10, size // 10:size * 4 // 10] = 30
+    return img
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import write_demo_model
+    from .model import Model
+
+    path = write_demo_model()
+    with Model(path, n_threads=args.threads, n_ctx=2048) as m:
+        info = m.info
+        print(f"model: {path}", file=sys.stderr)
+        print(f"question: {DEMO_QUESTION}", file=sys.stderr)
+        t0 = time.perf_counter()
+        t_first = _print_stream(m.chat(demo_image(), DEMO_QUESTION, max_tokens=args.max_tokens, stream=True),
+                                sys.stdout, t0)
+        stats = m.last_stats
+    first = "-" if t_first is None else f"{t_first:.0f} ms"
+    lines = [
+        f"model:          {info['arch']} {info['name']!r}: {info['n_layer']} decoder layers, n_embd "
+        f"{info['n_embd']}, {info['n_head']} heads ({info['n_head_kv']} KV), vocab {info['n_vocab']}; "
+        f"vision {info['n_vision_layer']} layers at {info['image_size']} px; "
+        f"{info['n_params'] / 1e6:.2f} M params, {info['n_bytes'] / 2**20:.1f} MiB",
+        f"image tokens:   {stats['n_image_tokens']} (kept {stats['n_image_tokens_kept']}), "
+        f"prompt {stats['n_prompt_tokens']} tokens",
+        f"encode:         {stats['t_encode_ms']:.1f} ms",
+        f"prefill:        {stats['t_prefill_ms']:.1f} ms "
+        f"({_rate(stats['n_prompt_tokens'], stats['t_prefill_ms'])})",
+        f"first token:    {first}",
+        f"decode:         {stats['n_decoded']} tokens in {stats['t_decode_ms']:.1f} ms "
+        f"({_rate(stats['n_decoded'], stats['t_decode_ms'])})",
+        f"KV cache:       {stats['kv_cache_bytes'] / 2**20:.2f} MiB",
+        "The weights are random, so the answer is gibberish: the demo shows the pipeline "
+        "(image -> vision tower -> projector -> LLM -> streamed text), not a trained model.",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import _ffi
+    from .model import Model
+
+    with Model(args.model, mmproj=args.mmproj, n_ctx=256) as m:
+        info = m.info
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    print(f"{'runtime':<{width}}  libvtrim {_ffi.version()} ({', '.join(_ffi.backends())})")
+    return 0
+
+
+def cmd_convert(argv: List[str]) -> int:
+    from .conversion import main as convert_main  # type: ignore[attr-defined]
+
+    rc = convert_main(argv)
+    return int(rc or 0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="replace")  # a reply is printed even on a terminal that lacks its characters
+    if argv and argv[0] == "convert":  # its options belong to the converter
+        return cmd_convert(argv[1:])
+
+    args = build_parser().parse_args(argv)
+    from .errors import VtrimError
+
+    try:
+        return {"chat": cmd_chat, "demo": cmd_demo, "info": cmd_info}[args.command](args)
+    except (VtrimError, OSError) as e:
+        print(f"pyvtrim {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,613 @@
+"""The Python API: Model (weights + one context) and Chat (a multi-turn conversation on a Model).
+
+    with pyvtrim.Model("llava.gguf") as m:
+        print(m.chat("cat.jpg", "What is on the table?"))
+        for piece in m.chat("cat.jpg", "Describe it.", stream=True):
+            print(piece, end="", flush=True)
+
+A Model holds native memory (weights, KV cache); close() or a `with` block frees it, and any use after
+that raises VtrimClosedError. A Model is not thread-safe: it owns one context (one KV cache, one
+sequence), so use one Model per thread. forward(), generate() and chat() each start a fresh sequence;
+a Chat keeps its sequence across turns and prefills only each new turn.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import weakref
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _ffi
+from .errors import (
+    ERR_BUFFER_TOO_SMALL,
+    VtrimClosedError,
+    VtrimContextFullError,
+    VtrimStateError,
+    VtrimUnsupportedError,
+    VtrimValueError,
+    check,
+    file_not_found,
+)
+from .images import ImageLike, as_image_list, native_images
+from .reduce import policies_of, stage_dict
+
+Images = Union[ImageLike, Sequence[ImageLike], None]
+Tokens = Union[Sequence[int], np.ndarray]
+
+DEVICES = {"auto": 0, "cpu": 1, "gpu": 2}   # enum vtrim_device
+KV_TYPES = {"f16": 0, "f32": 1}             # enum vtrim_kv_type
+
+
+def _struct_to_dict(ffi: Any, ptr: Any) -> Dict[str, Any]:
+    """The fields of a struct (given by pointer) as a dict; char * fields become str."""
+    out: Dict[str, Any] = {}
+    for name, field in ffi.typeof(ptr).item.fields:
+        value = getattr(ptr, name)
+        if field.type.kind == "pointer":
+            value = "" if value == ffi.NULL else ffi.string(value).decode("utf-8", "replace")
+        out[name] = value
+    return out
+
+
+def _sized_call(attempt: Callable[[int], Tuple[int, int]], n_guess: int) -> int:
+    """Runs attempt(capacity) -> (rc, needed), growing the capacity once the C side says how much it
+    needs (VTRIM_ERR_BUFFER_TOO_SMALL). Returns the size written."""
+    capacity = max(1, n_guess)
+    while True:
+        rc, needed = attempt(capacity)
+        if rc == ERR_BUFFER_TOO_SMALL and needed > capacity:
+            capacity = needed
+            continue
+        check(rc)
+        return needed
+
+
+def _token_array(tokens: Tokens) -> np.ndarray:
+    try:
+        arr = np.ascontiguousarray(tokens, dtype=np.int32)
+    except (OverflowError, TypeError, ValueError) as e:
+        raise VtrimValueError(f"tokens must be a sequence of int32 token ids: {e}") from e
+    if arr.ndim != 1:
+        raise VtrimValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+class _Handles:
+    """The native pointers of a Model, freed once (by close() or by the garbage collector)."""
+
+    __slots__ = ("lib", "model", "ctx")
+
+    def __init__(self, lib: Any) -> None:
+        self.lib = lib
+        self.model: Any = None
+        self.ctx: Any = None
+
+    def free(self) -> None:
+        if self.ctx is not None:
+            self.lib.vtrim_context_free(self.ctx)
+            self.ctx = None
+        if self.model is not None:
+            self.lib.vtrim_model_free(self.model)
+            self.model = None
+
+
+class _Sampler:
+    """A native sampler; its parameters are checked by vtrim_sampler_init (ValueError when invalid)."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, seed: int) -> None:
+        ffi, lib = _ffi.get()[:2]
+        if not 0 <= int(seed) < 2**64:
+            raise VtrimValueError(f"seed must be in [0, 2**64), got {seed}")
+        p = ffi.new("struct vtrim_sampler_params *")
+        lib.vtrim_sampler_params_default(p)
+        p.temperature = float(temperature)
+        p.top_k = int(top_k)
+        p.top_p = float(top_p)
+        p.seed = int(seed)
+        out = ffi.new("struct vtrim_sampler **")
+        check(lib.vtrim_sampler_init(p, out))
+        self._lib = lib
+        self._out = ffi.new("int32_t *")
+        self._handle = out[0]
+        self._finalizer = weakref.finalize(self, lib.vtrim_sampler_free, out[0])
+
+    def sample(self, ctx: Any) -> int:
+        check(self._lib.vtrim_sampler_sample(self._handle, ctx, self._out))
+        return int(self._out[0])
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class _Pending:
+    """Tokens sampled but not yet in the KV cache (the last reply token, or the EOG that ended it).
+    A Chat prefills them at the start of its next turn."""
+
+    __slots__ = ("tokens", "decoded")
+
+    def __init__(self) -> None:
+        self.tokens: List[int] = []
+        self.decoded: List[int] = []
+
+
+class Model:
+    """A vision-language model loaded from GGUF, with one context (KV cache) for running it.
+
+    path: one GGUF with text and vision towers, or llama.cpp's text GGUF with `mmproj` its vision GGUF.
+    n_ctx: tokens the KV cache holds (image tokens count; <= 0: the model's trained context).
+    n_threads: CPU threads (None: os.cpu_count()). device: "auto" | "cpu" | "gpu".
+    kv_type: "f16" | "f32" (the KV cache's element type).
+    vocab_only: load only the tokenizer (no context; tokenize/detokenize only).
+
+    forward(), generate(), chat() and Chat take `reduce=`: None, a visual-token reduction policy
+    (pyvtrim.FastV(k=2, ratio=0.5)) or a list of policies applied in order; last_stats["stages"] then
+    says what each did.
+    """
+
+    def __init__(
+        self,
+        path: "str | os.PathLike[str]",
+        *,
+        mmproj: "str | os.PathLike[str] | None" = None,
+        n_ctx: int = 4096,
+        n_threads: Optional[int] = None,
+        device: str = "auto",
+        kv_type: str = "f16",
+        vocab_only: bool = False,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.mmproj = None if mmproj is None else os.fspath(mmproj)
+        for p in (self.path, self.mmproj):
+            if p is not None and not os.path.exists(p):
+                raise file_not_found(p)
+        if device not in DEVICES:
+            raise VtrimValueError(f"device must be one of {sorted(DEVICES)}, got {device!r}")
+        if kv_type not in KV_TYPES:
+            raise VtrimValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        self.n_threads = int(n_threads) if n_threads is not None else (os.cpu_count() or 1)
+        self.n_ctx = int(n_ctx)
+        self.vocab_only = bool(vocab_only)
+        self._seq_id = 0  # bumped by every reset: streams and chats notice that their sequence is gone
+
+        self._ffi, self._lib = _ffi.get()[:2]
+        ffi, lib = self._ffi, self._lib
+        self._handles = _Handles(lib)
+        self._finalizer = weakref.finalize(self, self._handles.free)
+        try:
+            mp = ffi.new("struct vtrim_model_params *")
+            lib.vtrim_model_params_default(mp)
+            fields = dict(ffi.typeof(mp).item.fields)
+            mp.device = DEVICES[device]
+            if "n_threads" in fields:
+                mp.n_threads = self.n_threads
+            if self.vocab_only:
+                if "vocab_only" not in fields:
+                    raise VtrimUnsupportedError("this libvtrim cannot load a vocabulary alone (no vocab_only)")
+                mp.vocab_only = True
+            out = ffi.new("struct vtrim_model **")
+            mmproj_c = ffi.NULL if self.mmproj is None else os.fsencode(self.mmproj)
+            check(lib.vtrim_model_load(os.fsencode(self.path), mmproj_c, mp, out), self.path)
+            self._handles.model = out[0]
+
+            info = ffi.new("struct vtrim_model_info *")
+            check(lib.vtrim_model_get_info(self._handles.model, info))
+            self._info = _struct_to_dict(ffi, info)
+
+            if not self.vocab_only:
+                cp = ffi.new("struct vtrim_context_params *")
+                lib.vtrim_context_params_default(cp)
+                cp.n_ctx = self.n_ctx
+                cp.n_threads = self.n_threads
+                cp.kv_type = KV_TYPES[kv_type]
+                ctx = ffi.new("struct vtrim_context **")
+                check(lib.vtrim_context_init(self._handles.model, cp, ctx))
+                self._handles.ctx = ctx[0]
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Frees the context and the weights. Safe to call twice."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return self._handles.model is None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"arch={self._info['arch']!r}"
+        return f"<pyvtrim.Model {self.path!r} {state}>"
+
+    def _model(self) -> Any:
+        if self._handles.model is None:
+            raise VtrimClosedError("the Model is closed")
+        return self._handles.model
+
+    def _ctx(self) -> Any:
+        self._model()
+        if self._handles.ctx is None:
+            raise VtrimStateError("this Model was loaded with vocab_only=True and has no context")
+        return self._handles.ctx
+
+    # ---- what the model is ---------------------------------------------------------------------
+
+    @property
+    def info(self) -> Dict[str, Any]:
+        """All fields of vtrim_model_info (arch, name, n_vocab, n_embd, image_size, n_image_tokens, ...)."""
+        self._model()
+        return dict(self._info)
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.info["n_vocab"])
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.info["image_token_id"])
+
+    @property
+    def last_stats(self) -> Dict[str, Any]:
+        """What the last prefill and the decodes since did: n_past, n_prompt_tokens, n_images,
+        n_image_tokens, n_image_tokens_kept, kv_cache_bytes, t_encode_ms, t_prefill_ms, t_decode_ms,
+        n_decoded, prefill_flops(_full), and "stages": one dict per reduction stage that ran."""
+        ctx, ffi, lib = self._ctx(), self._ffi, self._lib
+        stats = ffi.new("struct vtrim_stats *")
+        check(lib.vtrim_get_stats(ctx, stats))
+        out = _struct_to_dict(ffi, stats)
+        stage = ffi.new("struct vtrim_reduce_stage *")
+        out["stages"] = []
+        for i in range(int(out.get("n_stages", 0))):
+            check(lib.vtrim_get_reduce_stage(ctx, i, stage))
+            out["stages"].append(stage_dict(stage))
+        return out
+
+    def last_kept_image_rows(self) -> List[int]:
+        """The image rows the decoder's last layers hold after the last prefill, ascending, as indices
+        into that prefill's expanded prompt (each image placeholder counted as n_image_tokens rows)."""
+        ctx, ffi = self._ctx(), self._ffi
+        buf: List[Any] = [None]
+        n_out = ffi.new("int32_t *")
+
+        def attempt(capacity: int) -> Tuple[int, int]:
+            buf[0] = ffi.new("int32_t[]", capacity)
+            return self._lib.vtrim_get_kept_image_rows(ctx, buf[0], capacity, n_out), int(n_out[0])
+
+        n = _sized_call(attempt, max(1, int(self.last_stats["n_image_tokens"])))
+        return list(ffi.unpack(buf[0], n))
+
+    # ---- text ----------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True) -> List[int]:
+        """Token ids of text; add_special adds BOS. Special tokens written in the text ("<image>") count."""
+        model, ffi = self._model(), self._ffi
+        data = text.encode("utf-8")
+        buf: List[Any] = [None]
+        n_out = ffi.new("int32_t *")
+
+        def attempt(capacity: int) -> Tuple[int, int]:
+            buf[0] = ffi.new("int32_t[]", capacity)
+            rc = self._lib.vtrim_tokenize(model, data, len(data), bool(add_special), buf[0], capacity, n_out)
+            return rc, int(n_out[0])
+
+        n = _sized_call(attempt, len(data) + 8)
+        return list(ffi.unpack(buf[0], n))
+
+    def detokenize(self, ids: Tokens, *, remove_leading_space: bool = False) -> str:
+        """The text of token ids (BOS/EOS dropped); invalid UTF-8 becomes U+FFFD."""
+        return self.detokenize_bytes(ids, remove_leading_space=remove_leading_space).decode("utf-8", "replace")
+
+    def detokenize_bytes(self, ids: Tokens, *, remove_leading_space: bool = False) -> bytes:
+        """The raw UTF-8 bytes of token ids (a byte token may hold part of a character)."""
+        model, ffi = self._model(), self._ffi
+        arr = _token_array(ids)
+        if arr.size == 0:
+            return b""
+        buf: List[Any] = [None]
+        n_out = ffi.new("int32_t *")
+
+        def attempt(capacity: int) -> Tuple[int, int]:
+            buf[0] = ffi.new("char[]", capacity)
+            rc = self._lib.vtrim_detokenize(model, ffi.from_buffer("int32_t[]", arr), int(arr.size),
+                                            bool(remove_leading_space), buf[0], capacity, n_out)
+            return rc, int(n_out[0])
+
+        n = _sized_call(attempt, 8 * int(arr.size) + 16)
+        return ffi.unpack(buf[0], n)
+
+    def is_eog(self, token: int) -> bool:
+        """Whether token ends a generation (EOS, EOT, ...)."""
+        return bool(self._lib.vtrim_token_is_eog(self._model(), int(token)))
+
+    def chat_prompt(self, question: str, n_images: int = 1) -> str:
+        """One user turn in the model's conversation format with n_images image placeholders and the
+        assistant's prefix, e.g. "USER: <image>\\nWhat is this? ASSISTANT:" for LLaVA-1.5."""
+        model, ffi = self._model(), self._ffi
+        q = question.encode("utf-8")
+        buf: List[Any] = [None]
+        n_out = ffi.new("int32_t *")
+
+        def attempt(capacity: int) -> Tuple[int, int]:
+            buf[0] = ffi.new("char[]", capacity)
+            rc = self._lib.vtrim_chat_format(model, q, int(n_images), buf[0], capacity, n_out)
+            return rc, int(n_out[0])
+
+        n = _sized_call(attempt, len(q) + 256)
+        return ffi.unpack(buf[0], n).decode("utf-8", "replace")
+
+    # ---- images --------------------------------------------------------------------------------
+
+    def preprocess(self, image: ImageLike) -> np.ndarray:
+        """The pixel values the vision tower sees: float32 [n_tiles, 3, S, S] (S = info["image_size"])."""
+        model, ffi = self._model(), self._ffi
+        side = int(self._info["image_size"])
+        if side <= 0:
+            raise VtrimUnsupportedError("this model has no vision tower")
+        tile = 3 * side * side
+        out: List[np.ndarray] = [np.empty(0, np.float32)]
+        n_out = ffi.new("int64_t *")
+        with native_images([image]) as handles:
+            def attempt(capacity: int) -> Tuple[int, int]:
+                out[0] = np.empty(capacity, dtype=np.float32)
+                rc = self._lib.vtrim_image_preprocess(model, handles[0], ffi.from_buffer("float[]", out[0]),
+                                                      capacity, n_out)
+                return rc, int(n_out[0])
+
+            n = _sized_call(attempt, tile)
+        return out[0][:n].reshape(n // tile, 3, side, side)
+
+    # ---- running -------------------------------------------------------------------------------
+
+    def _apply_reduce(self, reduce: Any) -> None:
+        """Makes `reduce` (None, a policy such as pyvtrim.FastV, or a list of them, applied in order) the
+        context's visual-token reduction: all or nothing, a bad policy leaves no reduction installed."""
+        ctx, ffi, lib = self._ctx(), self._ffi, self._lib
+        params = [policy.to_c(ffi, lib) for policy in policies_of(reduce)]  # ValueError before any change
+        check(lib.vtrim_reduce_clear(ctx))
+        try:
+            for p in params:
+                check(lib.vtrim_reduce_add(ctx, p))
+        except BaseException:
+            lib.vtrim_reduce_clear(ctx)
+            raise
+
+    def _reset(self) -> None:
+        check(self._lib.vtrim_context_reset(self._ctx()))
+        self._seq_id += 1
+
+    def _prefill(self, tokens: Tokens, images: Images) -> None:
+        ctx, ffi = self._ctx(), self._ffi
+        arr = _token_array(tokens)
+        if arr.size == 0:
+            raise VtrimValueError("no tokens to prefill")
+        image_list = as_image_list(images)
+        n_placeholders = int(np.count_nonzero(arr == self.image_token_id))
+        if n_placeholders != len(image_list):
+            raise VtrimValueError(
+                f"the tokens hold {n_placeholders} image placeholder(s) (id {self.image_token_id}) "
+                f"but {len(image_list)} image(s) were given")
+        with native_images(image_list) as handles:
+            check(self._lib.vtrim_prefill(ctx, ffi.from_buffer("int32_t[]", arr), int(arr.size),
+                                          handles, len(image_list)))
+
+    def _logits(self) -> np.ndarray:
+        logits = np.empty(self.n_vocab, dtype=np.float32)
+        check(self._lib.vtrim_logits(self._ctx(), self._ffi.from_buffer("float[]", logits), logits.size))
+        return logits
+
+    def _check_seq(self, seq_id: int) -> None:
+        self._ctx()  # a Model closed while a stream was being read
+        if self._seq_id != seq_id:
+            raise VtrimStateError("the Model started another sequence while this one was being generated")
+
+    def _sample_tokens(self, sampler: _Sampler, max_tokens: int, pending: _Pending) -> Iterator[int]:
+        """Samples after a prefill: yields tokens until an EOG (not yielded) or max_tokens. Every yielded
+        token but the last is decoded into the sequence; `pending` records what is not (yet) in it.
+        A full context ends the generation early."""
+        # The sequence is the one of now, not of the first next(): a stream read later notices a reset.
+        return self._sample_loop(sampler, max_tokens, pending, self._seq_id)
+
+    def _sample_loop(self, sampler: _Sampler, max_tokens: int, pending: _Pending, seq_id: int) -> Iterator[int]:
+        ctx, model, lib = self._ctx(), self._model(), self._lib
+        pending.tokens = []
+        for i in range(max_tokens):
+            self._check_seq(seq_id)
+            token = sampler.sample(ctx)
+            pending.tokens = [token]
+            if lib.vtrim_token_is_eog(model, token):
+                return
+            yield token
+            if i + 1 == max_tokens:
+                return
+            self._check_seq(seq_id)
+            try:
+                check(lib.vtrim_decode(ctx, token))
+            except VtrimContextFullError:
+                return
+            pending.tokens = []
+            pending.decoded.append(token)
+
+    def _text_pieces(self, tokens: Iterator[int], on_done: Optional[Callable[[str], None]] = None
+                     ) -> Iterator[str]:
+        """Text of a reply as it is generated: only complete UTF-8 characters, the first piece without
+        SentencePiece's leading space. The pieces join to exactly the detokenized reply."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        ids: List[int] = []
+        fed = 0
+        text: List[str] = []
+        try:
+            for token in tokens:
+                ids.append(token)
+                data = self.detokenize_bytes(ids, remove_leading_space=True)
+                piece = decoder.decode(data[fed:])
+                fed = len(data)
+                if piece:
+                    text.append(piece)
+                    yield piece
+            piece = decoder.decode(b"", final=True)
+            if piece:
+                text.append(piece)
+                yield piece
+        finally:
+            if on_done is not None:
+                on_done("".join(text))
+
+    def forward(self, tokens: Tokens, images: Images = (), *, reduce: Any = None) -> np.ndarray:
+        """Runs a fresh sequence over tokens (each image_token_id takes the next image) and returns the
+        float32 logits of the last position, shape [n_vocab]."""
+        self._ctx()
+        self._apply_reduce(reduce)
+        self._reset()
+        self._prefill(tokens, images)
+        return self._logits()
+
+    def generate(
+        self,
+        tokens: Tokens,
+        images: Images = (),
+        *,
+        max_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        seed: int = 0,
+        reduce: Any = None,
+    ) -> List[int]:
+        """A fresh sequence: prefill tokens (and images), then sample until an end-of-generation token
+        (not included) or max_tokens. temperature 0 is greedy."""
+        self._ctx()
+        sampler = _Sampler(temperature, top_k, top_p, seed)
+        try:
+            self._apply_reduce(reduce)
+            self._reset()
+            self._prefill(tokens, images)
+            return list(self._sample_tokens(sampler, int(max_tokens), _Pending()))
+        finally:
+            sampler.close()
+
+    def chat(
+        self,
+        image: Optional[ImageLike],
+        question: str,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        seed: int = 0,
+        stream: bool = False,
+        reduce: Any = None,
+    ) -> Union[str, Iterator[str]]:
+        """Answers one question about one image (None: a text-only question) in a fresh sequence.
+        stream=True returns an iterator of text pieces; the image is encoded and the prompt prefilled
+        before this returns, so input errors raise here, not in the iterator."""
+        self._ctx()
+        sampler = _Sampler(temperature, top_k, top_p, seed)
+        images = as_image_list(image)
+        self._apply_reduce(reduce)
+        tokens = self.tokenize(self.chat_prompt(question, len(images)), add_special=True)
+        self._reset()
+        self._prefill(tokens, images)
+        pieces = self._text_pieces(self._sample_tokens(sampler, int(max_tokens), _Pending()),
+                                   on_done=lambda _: sampler.close())
+        return pieces if stream else "".join(pieces)
+
+    def start_chat(self, **sampling: Any) -> "Chat":
+        """A multi-turn conversation on this Model; see Chat."""
+        return Chat(self, **sampling)
+
+
+class Chat:
+    """A conversation that keeps its sequence in the Model's context across turns.
+
+    Each ask() formats one user turn with vtrim_chat_format (the C side owns the template) and prefills
+    only the new tokens: the first turn starts with BOS; a later turn starts with the token that ended
+    the previous reply (the EOG the model sampled, or EOS when the reply hit max_tokens), as the
+    conversation format separates turns ("... ASSISTANT: answer</s>USER: ..." for LLaVA-1.5).
+    If something else used the Model in between (forward, generate, chat), the next turn rebuilds the
+    whole conversation in one prefill.
+    """
+
+    def __init__(self, model: Model, *, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 40,
+                 top_p: float = 0.95, seed: int = 0, reduce: Any = None) -> None:
+        self.model = model
+        self.max_tokens = int(max_tokens)
+        self.history: List[Tuple[str, str]] = []
+        self._reduce = reduce
+        self._sampler = _Sampler(temperature, top_k, top_p, seed)
+        model._apply_reduce(reduce)
+        self._tokens: List[int] = []      # the conversation's tokens in the KV cache
+        self._images: List[ImageLike] = []
+        self._pending = _Pending()
+        self._seq_id: Optional[int] = None
+        self._stream: Optional[Iterator[str]] = None
+        self._done: Optional[Callable[[str], None]] = None
+
+    def ask(self, question: str, image: Optional[ImageLike] = None, *, stream: bool = False,
+            max_tokens: Optional[int] = None) -> Union[str, Iterator[str]]:
+        """The model's answer to the next user turn (with an optional image); stream as in Model.chat."""
+        m = self.model
+        self._finish_stream()
+        images = as_image_list(image)
+        turn = m.chat_prompt(question, len(images))
+        if self._seq_id is None:
+            new = m.tokenize(turn, add_special=True)
+        else:
+            sep = self._pending.tokens
+            if not (sep and m.is_eog(sep[-1])):
+                sep = sep + [int(m.info["eos_token_id"])]
+            new = sep + m.tokenize(turn, add_special=False)
+
+        if self._seq_id is None or self._seq_id != m._seq_id:
+            m._apply_reduce(self._reduce)
+            m._reset()
+            prefill, prefill_images = self._tokens + new, self._images + images
+        else:
+            prefill, prefill_images = new, images
+        m._prefill(prefill, prefill_images)
+        self._seq_id = m._seq_id
+        self._tokens += new
+        self._images += images
+
+        pending = self._pending = _Pending()
+        n = self.max_tokens if max_tokens is None else int(max_tokens)
+
+        def done(answer: str) -> None:
+            self._tokens += pending.decoded
+            self.history.append((question, answer))
+            self._done = None
+
+        self._done = done
+        pieces = m._text_pieces(m._sample_tokens(self._sampler, n, pending), on_done=done)
+        if not stream:
+            return "".join(pieces)
+        self._stream = pieces
+        return pieces
+
+    def _finish_stream(self) -> None:
+        """Ends the previous turn's stream if it was not read to the end (its reply stays as far as read)."""
+        stream, done, self._stream = self._stream, self._done, None
+        if stream is not None:
+            stream.close()  # runs its `finally` (and `done`) if it had started
+        if self._done is not None and done is not None:
+            done("")
+
+    def close(self) -> None:
+        self._finish_stream()
+        self._sampler.close()
+
+    def __enter__(self) -> "Chat":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
