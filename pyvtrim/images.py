@@ -43,10 +43,20 @@ def _is_pil(obj: Any) -> bool:
     return any(cls.__module__.startswith("PIL.") and cls.__name__ == "Image" for cls in type(obj).__mro__)
 
 
+def _to_rgb(image: Any) -> Any:
+    """RGB as HF's image processors make it: transparency composited onto white, not dropped."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        from PIL import Image
+
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
 def pixels_of(image: Any) -> np.ndarray:
     """A C-contiguous uint8 (H, W, 3) array of a PIL image or a numpy array."""
     if _is_pil(image):
-        image = np.asarray(image.convert("RGB"))
+        image = np.asarray(_to_rgb(image))
     if not isinstance(image, np.ndarray):
         raise TypeError(f"not an image: {type(image).__name__}")
     if image.dtype != np.uint8:

@@ -366,6 +366,43 @@ class Model:
             n = _sized_call(attempt, tile)
         return out[0][:n].reshape(n // tile, 3, side, side)
 
+    def preprocess_info(self, image: ImageLike) -> Dict[str, Any]:
+        """How the image is tiled: n_tiles, aspect_ratio_id (1-based, Llama-3.2-Vision; 0 for one-tile models)
+        and aspect_ratio_mask (1 for each real tile of preprocess()'s output, 0 for padding tiles)."""
+        model, ffi = self._model(), self._ffi
+        n_tiles, ar_id = ffi.new("int32_t *"), ffi.new("int32_t *")
+        with native_images([image]) as handles:
+            check(self._lib.vtrim_image_tiles(model, handles[0], n_tiles, ar_id))
+        total = max(int(n_tiles[0]), 1)
+        if self._info["arch"] == "mllama":
+            side = int(self._info["image_size"])
+            total = int(self.preprocess(image).shape[0]) if side > 0 else total
+        return {"n_tiles": int(n_tiles[0]), "aspect_ratio_id": int(ar_id[0]),
+                "aspect_ratio_mask": [1 if i < int(n_tiles[0]) else 0 for i in range(total)]}
+
+    # ---- low level: the sequence step by step ----------------------------------------------------
+
+    def reset(self) -> None:
+        """Forgets the sequence (empties the KV cache)."""
+        self._reset()
+
+    def prefill(self, tokens: Tokens, images: Images = (), *, reduce: Any = None) -> np.ndarray:
+        """Appends tokens (and images, one per image_token_id) to the current sequence; returns the last
+        position's logits. forward() is reset() + prefill()."""
+        self._ctx()
+        self._apply_reduce(reduce)
+        self._prefill(tokens, images)
+        return self._logits()
+
+    def decode(self, token: int) -> np.ndarray:
+        """Appends one token to the sequence and returns its logits."""
+        check(self._lib.vtrim_decode(self._ctx(), int(token)))
+        return self._logits()
+
+    def logits(self) -> np.ndarray:
+        """The float32 logits of the sequence's last position."""
+        return self._logits()
+
     # ---- running -------------------------------------------------------------------------------
 
     def _apply_reduce(self, reduce: Any) -> None:

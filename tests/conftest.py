@@ -137,3 +137,83 @@ def spm_tokenizer_model(llama_spm_vocab) -> Path:
     """A SentencePiece tokenizer.model rebuilt from the Llama-2 vocabulary GGUF."""
     pytest.importorskip("sentencepiece")
     return fixtures.spm_tokenizer_model()
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny Llama-3.2-Vision ("mllama") models (tests/fixtures_mllama.py)
+# ------------------------------------------------------------------------------------------------
+
+import fixtures_mllama  # noqa: E402
+
+
+class TinyMllama(TinyLlava):
+    """A tiny mllama: ``hf_dir`` (transformers format) and its GGUF conversions (single layout only),
+    made on first use; ``tokenizer_json`` is its Llama-3 tokenizer.json."""
+
+    def gguf_path(self, outtype: str = "f32", layout: str = "single") -> Path:
+        if layout != "single":
+            raise ValueError("mllama has only the single-file layout")
+        return super().gguf_path(outtype, layout)
+
+    def mmproj_path(self, outtype: str = "f32") -> Path:
+        raise ValueError("mllama has only the single-file layout")
+
+    @property
+    def tokenizer_json(self) -> Path:
+        return self.hf_dir / "tokenizer.json"
+
+    def __repr__(self):
+        return f"TinyMllama({self.hf_dir})"
+
+
+@pytest.fixture(scope="session")
+def tiny_mllama_factory():
+    """make(**params) -> TinyMllama, for variants beyond the named fixtures (see fixtures_mllama.tiny_mllama_params)."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    try:
+        fixtures.vocab_path("ggml-vocab-llama-bpe.gguf")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    made = {}
+
+    def make(**params) -> TinyMllama:
+        p = fixtures_mllama.tiny_mllama_params(**params)
+        key = fixtures.params_key(dict(p, _transformers=transformers.__version__,
+                                       _fixture=fixtures_mllama.FIXTURE_VERSION))
+        if key not in made:
+            d = fixtures_mllama.cached_tiny_mllama(fixture_root(), key=key, **p)
+            made[key] = TinyMllama(d, p)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def mllama_tiny(tiny_mllama_factory) -> TinyMllama:
+    """5 text layers with cross-attention at [1, 3], GQA (4 heads, 2 KV heads), llama3 RoPE scaling;
+    vision 28px tiles (4 patches + CLS), 3 local + 2 global layers, intermediate layers [0, 2]."""
+    return tiny_mllama_factory()
+
+
+@pytest.fixture(scope="session")
+def mllama_tiny_b(tiny_mllama_factory) -> TinyMllama:
+    """4 text layers with cross-attention at [2, 3] (consecutive, the last one cross), 6 heads / 3 KV heads,
+    plain RoPE (theta 1e4); vision 56px tiles (16 patches + CLS), 4 local + 1 global layer, layers [1, 3]."""
+    return tiny_mllama_factory(**fixtures_mllama.TINY_B)
+
+
+@pytest.fixture(scope="session")
+def llama_bpe_vocab() -> Path:
+    """The archive's Llama-3 vocabulary GGUF (with .inp/.out test vectors next to it)."""
+    try:
+        return fixtures.vocab_path("ggml-vocab-llama-bpe.gguf")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_json(llama_bpe_vocab) -> Path:
+    """The Llama-3.2-Vision tokenizer.json rebuilt from the Llama-3 vocabulary GGUF."""
+    return fixtures_mllama.llama3_tokenizer_json()

@@ -121,13 +121,13 @@ def test_decode_steps_match_reference_logits(pair):
     _, _, ref, m = pair
     img = _images()["square"]
     ids = m.tokenize(PROMPTS[1])
-    m.forward(ids, [img])
+    logits = m.forward(ids, [img])
     seq = list(ids)
     for step in range(4):
-        nxt = int(np.argmax(m._logits()))
+        nxt = int(np.argmax(logits))
         seq.append(nxt)
-        m._decode(nxt)
-        diff = np.max(np.abs(m._logits() - ref.last_logits(seq, [img])))
+        logits = m.decode(nxt)
+        diff = np.max(np.abs(logits - ref.last_logits(seq, [img])))
         assert diff <= 1e-3, f"decode step {step}: {diff}"
 
 

@@ -81,7 +81,8 @@ struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct
     struct ggml_tensor * tile_pos = ggml_reshape_3d(ctx, ggml_get_rows(ctx, m->mv_tile_pos, in->ar_id), d, hp->n_pos, T);
     cur = ggml_add(ctx, ggml_add(ctx, cur, pos),
                    ggml_mul(ctx, ggml_sub(ctx, tile_pos, pos), ggml_tanh(ctx, vtrim_f32(ctx, m->mv_pos_gate))));
-    cur = vtrim_build_layer_norm(ctx, cur, m->pre_ln_w, m->pre_ln_b, hp->eps);
+    // HF's layernorm_pre/post are nn.LayerNorm(d) with the default eps, not the config's norm_eps.
+    cur = vtrim_build_layer_norm(ctx, cur, m->pre_ln_w, m->pre_ln_b, 1e-5f);
 
     // Zero rows pad each tile to a multiple of 8, as HF does; the mask treats them like padded tiles.
     if (hp->n_pad > 0) {
@@ -99,7 +100,7 @@ struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct
             }
         }
     }
-    cur = vtrim_build_layer_norm(ctx, cur, m->post_ln_w, m->post_ln_b, hp->eps);
+    cur = vtrim_build_layer_norm(ctx, cur, m->post_ln_w, m->post_ln_b, 1e-5f);
     cur = ggml_reshape_3d(ctx, cur, d, rows, T);
     cur = ggml_add(ctx, cur, tile_embd(ctx, hp, m->mv_post_tile, m->mv_post_tile_gate, in->ar_id));
     cur = ggml_reshape_2d(ctx, cur, d, L);
