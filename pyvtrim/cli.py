@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=int, default=40)
     chat.add_argument("--top-p", type=float, default=0.95)
     chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--fastv", metavar="K:R", help="FastV: drop the fraction R of the image tokens after layer K "
+                      "(e.g. 2:0.5; LLaVA)")
+    chat.add_argument("--trim", metavar="K_RATIO", type=float, help="Trimmed Llama: each head keeps its top K_RATIO "
+                      "of the cross-attended image features (e.g. 0.25; Llama-3.2-Vision)")
     _add_runtime_args(chat)
 
     demo = sub.add_parser("demo", help="run a tiny random-weight LLaVA model end to end")
@@ -73,6 +77,8 @@ def format_stats(stats: Dict[str, Any], t_first_ms: Optional[float] = None) -> s
     ]
     if t_first_ms is not None:
         parts.append(f"first token {t_first_ms:.0f} ms")
+    for st in stats.get("stages", []):
+        parts.append(f"{st['method']} at layer {st['layer']}: {st['n_kept']}/{st['n_in']} image tokens kept")
     parts += [
         f"decode {stats['n_decoded']} tok in {stats['t_decode_ms']:.0f} ms "
         f"({_rate(stats['n_decoded'], stats['t_decode_ms'])})",
@@ -96,11 +102,27 @@ def _print_stream(pieces: Iterable[str], out: TextIO, t_start: float) -> Optiona
 
 # ---- commands -----------------------------------------------------------------------------------
 
+def reduce_of(args: argparse.Namespace) -> List[Any]:
+    """The reduction policies the chat flags ask for, in the order they apply."""
+    from .reduce import FastV, TrimCrossAttn
+
+    policies: List[Any] = []
+    if args.fastv:
+        try:
+            k, r = args.fastv.split(":")
+            policies.append(FastV(k=int(k), ratio=float(r)))
+        except ValueError:
+            raise SystemExit(f"pyvtrim chat: --fastv {args.fastv!r}: expected K:R, e.g. 2:0.5") from None
+    if args.trim is not None:
+        policies.append(TrimCrossAttn(k_ratio=args.trim))
+    return policies
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from .model import Model
 
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed)
+                    top_p=args.top_p, seed=args.seed, reduce=reduce_of(args) or None)
     with Model(args.model, mmproj=args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads,
                device=args.device, kv_type=args.kv_type) as m:
         if args.prompt is not None:

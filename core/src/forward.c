@@ -92,16 +92,20 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
         if (in.hidden) {
             ggml_backend_tensor_set(in.hidden, rows->hidden + (size_t) a * n_embd, 0, ggml_nbytes(in.hidden));
         }
-        ggml_backend_tensor_set(in.pos, rows->pos + a, 0, ggml_nbytes(in.pos));
+        if (in.pos->buffer) {   // a range of cross-attention layers only uses no positions
+            ggml_backend_tensor_set(in.pos, rows->pos + a, 0, ggml_nbytes(in.pos));
+        }
         for (int i = 0; i < in.n_masks; i++) {
             fill_causal(mask, in.mask_n_cached[i], n);
             ggml_backend_tensor_set(in.mask[i], mask, 0, ggml_nbytes(in.mask[i]));
         }
-        if (in.cross_mask) {
+        if (in.row_mask) {
             float * row_mask = img;                       // free again: the image rows are uploaded
             float * kept = img + n;
             vtrim_fill_cross_mask(c, rows->sees ? rows->sees + a : NULL, n, mask, row_mask);
-            ggml_backend_tensor_set(in.cross_mask, mask, 0, ggml_nbytes(in.cross_mask));
+            if (in.cross_mask) {
+                ggml_backend_tensor_set(in.cross_mask, mask, 0, ggml_nbytes(in.cross_mask));
+            }
             ggml_backend_tensor_set(in.row_mask, row_mask, 0, ggml_nbytes(in.row_mask));
             if (in.cross_mask_kept) {
                 gather_kept_columns(&c->xc, mask, n, kept);

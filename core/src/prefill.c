@@ -348,8 +348,10 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
         rc = run_prompt(c, &rows, n_images > 0, &flops);
     }
     const int32_t n_kept = count_image(&rows);
-    if (rc == 0) {
+    if (rc == 0 && !mllama) {
         rc = record_kept_rows(c, &rows, n_kept, n_past);
+    } else if (rc == 0 && n_images > 0) {
+        rc = vtrim_mllama_record_kept(c);
     }
     row_set_free(&rows);
     if (rc < 0) {
@@ -374,7 +376,8 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
         for (int32_t i = 0; n_images > 0 && i < c->xc_n_images; i++) {
             n_visible += c->xc_visible[i];
         }
-        c->stats.n_image_tokens = c->stats.n_image_tokens_kept = n_visible;
+        c->stats.n_image_tokens = n_visible;
+        c->stats.n_image_tokens_kept = c->xc.n_kept > 0 ? c->xc.n_kept : n_visible;
     } else {
         c->stats.n_image_tokens = n_images * n_img_tok;
         c->stats.n_image_tokens_kept = n_kept;

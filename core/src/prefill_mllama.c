@@ -195,3 +195,24 @@ int32_t vtrim_mllama_trim(struct vtrim_context * c, const struct vtrim_reduce_pa
     free(scores);
     return rc;
 }
+
+int32_t vtrim_mllama_record_kept(struct vtrim_context * c) {
+    const struct vtrim_cross_cache * xc = &c->xc;
+    int32_t * p = realloc(c->kept_image_rows, sizeof(int32_t) * (size_t) (xc->n > 0 ? xc->n : 1));
+    if (!p) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    c->kept_image_rows = p;
+    c->n_kept_image_rows = 0;
+    if (xc->n_kept > 0) {
+        memcpy(p, xc->kept, sizeof(int32_t) * (size_t) xc->n_kept);
+        c->n_kept_image_rows = xc->n_kept;
+        return 0;
+    }
+    for (int32_t i = 0; i < c->xc_n_images; i++) {
+        for (int32_t j = c->xc_off[i]; j < c->xc_off[i] + c->xc_visible[i]; j++) {
+            p[c->n_kept_image_rows++] = j;
+        }
+    }
+    return 0;
+}

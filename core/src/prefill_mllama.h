@@ -15,3 +15,6 @@ void    vtrim_mllama_cross_visibility(const struct vtrim_model * m, const int32_
 // kept states, computes the trimmed layers' K/V from them and records the stage.
 int32_t vtrim_mllama_trim(struct vtrim_context * ctx, const struct vtrim_reduce_params * p,
                           const struct vtrim_rows * rows, const float * h_in, struct vtrim_reduce_stage * stage);
+// The image states the trimmed layers hold (all real-tile states when nothing was trimmed), as rows of the
+// prefill's image-major states, into ctx->kept_image_rows.
+int32_t vtrim_mllama_record_kept(struct vtrim_context * ctx);

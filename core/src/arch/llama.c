@@ -190,16 +190,27 @@ void vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, const
     }
     in->pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
     ggml_set_input(in->pos);
-    const bool cross = xc && xc->n > 0;   // cross-attention layers are skipped until an image is cached (HF)
-    if (cross) {
-        in->cross_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, xc->n, n);
-        in->row_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n);
-        ggml_set_input(in->cross_mask);
-        ggml_set_input(in->row_mask);
-        if (xc->n_kept > 0) {
-            in->cross_mask_kept = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, xc->n_kept, n);
-            ggml_set_input(in->cross_mask_kept);
+    // Cross-attention layers are skipped until an image is cached (HF). Inputs only for the layers in range:
+    // a tensor no node uses gets no buffer.
+    const bool cross = xc && xc->n > 0;
+    bool any_full = false, any_kept = false;
+    for (int il = il0; cross && il < il1; il++) {
+        if (m->layers[il].is_cross) {
+            any_kept |= xc->trimmed[m->layers[il].cross_index];
+            any_full |= !xc->trimmed[m->layers[il].cross_index];
         }
+    }
+    if (any_full) {
+        in->cross_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, xc->n, n);
+        ggml_set_input(in->cross_mask);
+    }
+    if (any_kept) {
+        in->cross_mask_kept = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, xc->n_kept, n);
+        ggml_set_input(in->cross_mask_kept);
+    }
+    if (any_full || any_kept) {
+        in->row_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n);
+        ggml_set_input(in->row_mask);
     }
 
     for (int il = il0; il < il1; il++) {
