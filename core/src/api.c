@@ -62,22 +62,20 @@ static int32_t emit(const char * s, size_t len, char * text, int32_t n_max, int3
     return 0;
 }
 
-// Llama-3.2-Vision's template, one user turn (BOS comes from vtrim_tokenize's add_special):
-// "<|start_header_id|>user<|end_header_id|>\n\n<|image|>{q}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-static int32_t format_llama32_vision(const struct vtrim_model * m, const char * question, int32_t n_images, char * text,
-                                     int32_t n_max, int32_t * n_out) {
-    const char * image = n_images > 0 ? vtrim_vocab_token_text(m->vocab, m->image_token_id) : "";
-    const size_t need = strlen(question) + (size_t) n_images * strlen(image) + 128;
+// One user turn: prefix, each image's placeholder followed by image_sep, the question, suffix.
+static int32_t format_turn(const char * prefix, const char * image, const char * image_sep, int32_t n_images,
+                           const char * question, const char * suffix, char * text, int32_t n_max, int32_t * n_out) {
+    const size_t need = strlen(prefix) + (size_t) n_images * (strlen(image) + strlen(image_sep)) + strlen(question) +
+                        strlen(suffix) + 1;
     char * buf = malloc(need);
     if (!buf) {
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
     }
-    size_t len = (size_t) snprintf(buf, need, "<|start_header_id|>user<|end_header_id|>\n\n");
+    size_t len = (size_t) snprintf(buf, need, "%s", prefix);
     for (int32_t i = 0; i < n_images; i++) {
-        len += (size_t) snprintf(buf + len, need - len, "%s", image);
+        len += (size_t) snprintf(buf + len, need - len, "%s%s", image, image_sep);
     }
-    len += (size_t) snprintf(buf + len, need - len, "%s<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-                             question);
+    len += (size_t) snprintf(buf + len, need - len, "%s%s", question, suffix);
     const int32_t rc = emit(buf, len, text, n_max, n_out);
     free(buf);
     return rc;
@@ -91,37 +89,18 @@ int32_t vtrim_chat_format(const struct vtrim_model * m, const char * question, i
     if (n_images > 0 && m->image_token_id < 0) {
         return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "this model takes no images");
     }
-    if (strcmp(m->chat_format, "llama-3.2-vision") == 0) {
-        return format_llama32_vision(m, question, n_images, text, n_max, n_out);
-    }
-    // LLaVA-1.5 (llava-hf chat template): "USER: <image>\n{question} ASSISTANT:"
-    char images[1024] = "";
-    size_t used = 0;
     // The placeholder's own text (detokenizing would drop it: it is a control token).
-    const char * piece = n_images > 0 ? vtrim_arch_image_placeholder(m) : "";
-    if (!piece) {
+    const char * image = n_images > 0 ? vtrim_arch_image_placeholder(m) : "";
+    if (!image) {
         return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "this model takes no images");
     }
-    for (int32_t i = 0; i < n_images; i++) {
-        const int n = snprintf(images + used, sizeof images - used, "%s\n", piece);
-        if (n < 0 || (size_t) n >= sizeof images - used) {
-            return vtrim_fail(VTRIM_ERR_INVALID_ARG, "too many images in one turn");
-        }
-        used += (size_t) n;
+    if (strcmp(m->chat_format, "llama-3.2-vision") == 0) {
+        // BOS (<|begin_of_text|>) comes from vtrim_tokenize's add_special.
+        return format_turn("<|start_header_id|>user<|end_header_id|>\n\n", image, "", n_images, question,
+                           "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", text, n_max, n_out);
     }
-    const int need = snprintf(NULL, 0, "USER: %s%s ASSISTANT:", images, question);
-    *n_out = need;
-    if (need > n_max) {
-        return vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_chat_format: needs %d bytes", need);
-    }
-    char * buf = malloc((size_t) need + 1);   // the caller's buffer need not hold the NUL
-    if (!buf) {
-        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
-    }
-    snprintf(buf, (size_t) need + 1, "USER: %s%s ASSISTANT:", images, question);
-    memcpy(text, buf, (size_t) need);
-    free(buf);
-    return 0;
+    // LLaVA-1.5 (llava-hf's chat template): "USER: <image>\n{question} ASSISTANT:"
+    return format_turn("USER: ", image, "\n", n_images, question, " ASSISTANT:", text, n_max, n_out);
 }
 
 int32_t vtrim_image_preprocess(const struct vtrim_model * m, const struct vtrim_image * image, float * pixels,

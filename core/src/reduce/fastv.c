@@ -28,16 +28,6 @@ int32_t vtrim_fastv_query_rows(const struct vtrim_reduce_params * p, const bool 
     return n_q;
 }
 
-struct ranked { float score; int32_t row; };
-
-static int by_score_then_row(const void * a, const void * b) {
-    const struct ranked * x = a, * y = b;
-    if (x->score != y->score) {
-        return x->score > y->score ? -1 : 1;
-    }
-    return (x->row > y->row) - (x->row < y->row);
-}
-
 int32_t vtrim_fastv_select(const struct vtrim_reduce_params * p, const bool * is_image, const float * scores,
                            int32_t n, bool * keep) {
     int32_t n_image = 0;
@@ -47,17 +37,17 @@ int32_t vtrim_fastv_select(const struct vtrim_reduce_params * p, const bool * is
     }
     // int() of the kept fraction as the official code does, guarded against 0.3 * 10 = 2.9999...
     const int32_t n_keep = (int32_t) floor((1.0 - (double) p->fastv_ratio) * n_image + 1e-6);
-    struct ranked * r = malloc(sizeof *r * (size_t) (n_image > 0 ? n_image : 1));
+    struct vtrim_ranked * r = malloc(sizeof *r * (size_t) (n_image > 0 ? n_image : 1));
     if (!r) {
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
     }
     int32_t k = 0;
     for (int32_t i = 0; i < n; i++) {
         if (is_image[i]) {
-            r[k++] = (struct ranked) { scores[i], i };
+            r[k++] = (struct vtrim_ranked) { scores[i], i };
         }
     }
-    qsort(r, (size_t) n_image, sizeof *r, by_score_then_row);
+    vtrim_rank_sort(r, n_image);
     for (int32_t i = 0; i < n_keep; i++) {
         keep[r[i].row] = true;
     }

@@ -4,7 +4,20 @@
 #include "error.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+
+static int by_score_then_row(const void * a, const void * b) {
+    const struct vtrim_ranked * x = a, * y = b;
+    if (x->score != y->score) {
+        return x->score > y->score ? -1 : 1;
+    }
+    return (x->row > y->row) - (x->row < y->row);
+}
+
+void vtrim_rank_sort(struct vtrim_ranked * r, int32_t n) {
+    qsort(r, (size_t) n, sizeof *r, by_score_then_row);
+}
 
 void vtrim_reduce_params_default(int32_t method, struct vtrim_reduce_params * p) {
     if (!p) {

@@ -10,6 +10,13 @@
 
 #define VTRIM_MAX_POLICIES 4
 
+// A score and the row it ranks, sorted by vtrim_rank_sort: higher score first, then the lower row.
+struct vtrim_ranked {
+    float   score;
+    int32_t row;
+};
+void vtrim_rank_sort(struct vtrim_ranked * r, int32_t n);
+
 // Checks p against the model; VTRIM_ERR_INVALID_ARG with the reason.
 int32_t vtrim_reduce_validate(const struct vtrim_model * m, const struct vtrim_reduce_params * p);
 enum vtrim_hook vtrim_reduce_hook(const struct vtrim_reduce_params * p);

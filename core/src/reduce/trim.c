@@ -8,22 +8,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-struct ranked { float score; int32_t row; };
-
-static int by_score_then_row(const void * a, const void * b) {
-    const struct ranked * x = a, * y = b;
-    if (x->score != y->score) {
-        return x->score > y->score ? -1 : 1;
-    }
-    return (x->row > y->row) - (x->row < y->row);
-}
-
 // Marks the top n of rows [off, off + count) by score(row) in keep.
-static void mark_top(struct ranked * r, const float * score, int32_t off, int32_t count, int32_t n, bool * keep) {
+static void mark_top(struct vtrim_ranked * r, const float * score, int32_t off, int32_t count, int32_t n, bool * keep) {
     for (int32_t j = 0; j < count; j++) {
-        r[j] = (struct ranked) { score[off + j], off + j };
+        r[j] = (struct vtrim_ranked) { score[off + j], off + j };
     }
-    qsort(r, (size_t) count, sizeof *r, by_score_then_row);
+    vtrim_rank_sort(r, count);
     for (int32_t j = 0; j < n && j < count; j++) {
         keep[r[j].row] = true;
     }
@@ -33,7 +23,7 @@ int32_t vtrim_trim_select(const struct vtrim_reduce_params * p, const float * sc
                           const int32_t * off, const int32_t * visible, int32_t n_images, int32_t * kept,
                           int32_t * n_kept) {
     bool * keep = calloc((size_t) n_x, sizeof(bool));
-    struct ranked * r = malloc(sizeof *r * (size_t) n_x);
+    struct vtrim_ranked * r = malloc(sizeof *r * (size_t) n_x);
     float * mean = malloc(sizeof(float) * (size_t) n_x);
     if (!keep || !r || !mean) {
         free(keep); free(r); free(mean);
