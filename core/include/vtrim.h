@@ -170,7 +170,7 @@ struct vtrim_reduce_params {
 struct vtrim_reduce_stage {
     int32_t method;
     int32_t hook;               /* enum vtrim_hook */
-    int32_t layer;              /* the first layer that runs on the reduced set */
+    int32_t layer;              /* FastV: the first layer on the reduced set; Trim: the cross layer that ranks */
     int32_t n_in;               /* image tokens before the stage */
     int32_t n_kept;             /* image tokens after it */
     int64_t kv_bytes_full;      /* KV bytes of the layers it shrinks, had nothing been dropped */
