@@ -245,7 +245,6 @@ void vtrim_model_free(struct vtrim_model * m) {
     free(m);
 }
 
-int32_t vtrim_model_n_vocab(const struct vtrim_model * m) { return m->text.n_vocab; }
 
 int32_t vtrim_model_tensor(const struct vtrim_model * m, const char * name, int64_t ne0, int64_t ne1, int64_t ne2,
                            struct ggml_tensor ** out) {

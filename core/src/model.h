@@ -45,7 +45,6 @@ struct vtrim_vision_hparams {
     float   eps;
     bool    use_gelu;         // exact GELU; else quick GELU (CLIP)
     bool    keep_cls;         // feature select "full"
-    bool    post_ln;          // the selected layer is the last one: apply post-LN as HF does for -1? (never for LLaVA)
     int32_t n_image_tokens;   // embeddings per image handed to the decoder
 };
 
@@ -134,7 +133,6 @@ struct vtrim_model {
     struct ggml_tensor * mm_w, * mm_b;
 };
 
-int32_t vtrim_model_n_vocab(const struct vtrim_model * model);
 
 // A weight by name with its shape checked (a negative extent is not checked); VTRIM_ERR_FORMAT otherwise.
 int32_t vtrim_model_tensor(const struct vtrim_model * model, const char * name, int64_t ne0, int64_t ne1, int64_t ne2,
