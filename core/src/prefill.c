@@ -284,7 +284,10 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
     const struct vtrim_model * m = c->model;
     int32_t n_placeholders = 0;
     for (int32_t i = 0; i < n_tokens; i++) {
-        if (tokens[i] < 0 || tokens[i] >= m->tok_embd->ne[1]) {
+        // LLaVA's placeholder never reaches the embedding: it may be a virtual id past the vocabulary
+        // (llama.cpp's LLaVA-1.5 text files have no "<image>" token).
+        const bool placeholder = m->arch == VTRIM_ARCH_LLAVA && tokens[i] == m->image_token_id;
+        if (!placeholder && (tokens[i] < 0 || tokens[i] >= m->tok_embd->ne[1])) {
             return vtrim_fail(VTRIM_ERR_INVALID_ARG, "token %d at position %d is outside the vocabulary (%lld)",
                               tokens[i], i, (long long) m->tok_embd->ne[1]);
         }
