@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Pattern, Sequence, Tuple
 
 import numpy as np
 
@@ -173,3 +173,27 @@ def write_gguf(path, arch: str, add_kv: Callable[[Any], None], tensors: Iterable
             pass
         raise
     return path
+
+
+def canonical_names(names: Iterable[str], prefixes: Sequence[Tuple[str, str]], ignored: Pattern[str],
+                    model: str, where: str) -> Dict[str, str]:
+    """canonical name -> HF name, by the first matching (HF prefix, canonical prefix); tensors matching
+    `ignored` are skipped, any other unknown tensor is an error (it would be silently dropped)."""
+    out: Dict[str, str] = {}
+    unknown = []
+    for hf in names:
+        if ignored.search(hf):
+            continue
+        for pre, canon in prefixes:
+            if hf.startswith(pre):
+                c = canon + hf[len(pre):]
+                if c in out:
+                    raise ConversionError(f"{where}: tensors {out[c]} and {hf} are the same weight")
+                out[c] = hf
+                break
+        else:
+            unknown.append(hf)
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise ConversionError(f"{where}: unexpected tensors for {model}: {', '.join(unknown[:5])}{more}")
+    return out

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .base import canonical_names as base_canonical_names
 from .base import (ROLE_EMBED, ROLE_MATRIX, ROLE_VECTOR, ConversionError, PlannedTensor, Progress,
                    file_type_for, read_json, write_gguf)
 from .llava import _Planner, permute_for_rope
@@ -352,24 +353,7 @@ _IGNORED = re.compile(r"rotary_emb\.(inv_freq|original_inv_freq)$")
 
 def canonical_names(names, where: str) -> Dict[str, str]:
     """canonical name -> HF name; unknown tensors are an error (we would silently drop them)."""
-    out: Dict[str, str] = {}
-    unknown = []
-    for hf in names:
-        if _IGNORED.search(hf):
-            continue
-        for pre, canon in _PREFIXES:
-            if hf.startswith(pre):
-                c = canon + hf[len(pre):]
-                if c in out:
-                    raise ConversionError(f"{where}: tensors {out[c]} and {hf} are the same weight")
-                out[c] = hf
-                break
-        else:
-            unknown.append(hf)
-    if unknown:
-        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        raise ConversionError(f"{where}: unexpected tensors for Llama-3.2-Vision: {', '.join(unknown[:5])}{more}")
-    return out
+    return base_canonical_names(names, _PREFIXES, _IGNORED, "Llama-3.2-Vision", where)
 
 
 def plan_text(p: _Planner, t: MllamaTextHParams, n_embd_rows: int) -> List[PlannedTensor]:
