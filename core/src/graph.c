@@ -42,8 +42,8 @@ struct ggml_tensor * vtrim_build_swiglu_ffn(struct ggml_context * ctx, struct gg
     return ggml_mul_mat(ctx, down, ggml_mul(ctx, g, u));
 }
 
-struct ggml_tensor * vtrim_build_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
-                                      struct ggml_tensor * v, struct ggml_tensor * mask, float scale, int il) {
+struct ggml_tensor * vtrim_build_attn_vt(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                         struct ggml_tensor * vt, struct ggml_tensor * mask, float scale, int il) {
     const int64_t head_dim = q->ne[0];
     const int64_t n_head = q->ne[1];
     const int64_t n_q = q->ne[2];
@@ -54,8 +54,21 @@ struct ggml_tensor * vtrim_build_attn(struct ggml_context * ctx, struct ggml_ten
     kq = ggml_soft_max_ext(ctx, kq, mask, scale, 0.0f);
     vtrim_cb(kq, "kq_soft_max", il);
 
-    v = ggml_cont(ctx, ggml_permute(ctx, v, 1, 2, 0, 3));      // [n_kv, head_dim, n_head_kv]
-    struct ggml_tensor * kqv = ggml_mul_mat(ctx, v, kq);       // [head_dim, n_q, n_head]
+    struct ggml_tensor * kqv = ggml_mul_mat(ctx, vt, kq);      // [head_dim, n_q, n_head]
     kqv = ggml_permute(ctx, kqv, 0, 2, 1, 3);                  // [head_dim, n_head, n_q]
     return ggml_cont_2d(ctx, kqv, head_dim * n_head, n_q);
+}
+
+struct ggml_tensor * vtrim_build_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                      struct ggml_tensor * v, struct ggml_tensor * mask, float scale, int il) {
+    return vtrim_build_attn_vt(ctx, q, k, ggml_cont(ctx, ggml_permute(ctx, v, 1, 2, 0, 3)), mask, scale, il);
+}
+
+struct ggml_tensor * vtrim_build_flash_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                            struct ggml_tensor * v, struct ggml_tensor * mask, float scale) {
+    const int64_t head_dim = q->ne[0], n_head = q->ne[1], n_q = q->ne[2];
+    struct ggml_tensor * out = ggml_flash_attn_ext(ctx, ggml_permute(ctx, q, 0, 2, 1, 3), ggml_permute(ctx, k, 0, 2, 1, 3),
+                                                   ggml_permute(ctx, v, 0, 2, 1, 3), mask, scale, 0.0f, 0.0f);
+    ggml_prec_set_acc(out, GGML_PREC_F32);
+    return ggml_reshape_2d(ctx, out, head_dim * n_head, n_q);             // out: [head_dim, n_head, n_q]
 }

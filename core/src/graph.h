@@ -31,3 +31,12 @@ struct ggml_tensor * vtrim_build_swiglu_ffn(struct ggml_context * ctx, struct gg
 // Returns [head_dim * n_head, n_q].
 struct ggml_tensor * vtrim_build_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
                                       struct ggml_tensor * v, struct ggml_tensor * mask, float scale, int il);
+// Attention without a probability matrix in memory (ggml_flash_attn_ext, f32 accumulation): for the vision
+// towers, whose thousands of rows would make explicit scores gigabytes and whose scores no reduction reads.
+// q: [head_dim, n_head, n_q]; k, v: [head_dim, n_head_kv, n_kv]; mask: F16 [n_kv, n_q] or NULL.
+struct ggml_tensor * vtrim_build_flash_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                            struct ggml_tensor * v, struct ggml_tensor * mask, float scale);
+// The same with V already transposed, vt: [n_kv, head_dim, n_head_kv] (a view of a transposed V cache), so
+// that no copy of V is made per call: what a decode step reads from the caches.
+struct ggml_tensor * vtrim_build_attn_vt(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                         struct ggml_tensor * vt, struct ggml_tensor * mask, float scale, int il);

@@ -27,7 +27,7 @@ int32_t vtrim_kv_cache_init(struct vtrim_kv_cache * kv, int32_t n_layer, int32_t
     for (int32_t il = 0; il < n_layer; il++) {
         const int32_t rows = skip && skip[il] ? 1 : n_ctx;
         kv->k[il] = ggml_new_tensor_2d(kv->ctx, type, n_embd_kv, rows);
-        kv->v[il] = ggml_new_tensor_2d(kv->ctx, type, n_embd_kv, rows);
+        kv->v[il] = ggml_new_tensor_2d(kv->ctx, type, rows, n_embd_kv);
         ggml_format_name(kv->k[il], "cache_k_l%d", il);
         ggml_format_name(kv->v[il], "cache_v_l%d", il);
     }
@@ -66,6 +66,19 @@ int64_t vtrim_kv_cache_bytes_used(const struct vtrim_kv_cache * kv) {
     return 2 * rows * (int64_t) ggml_row_size(kv->type, kv->n_embd_kv);
 }
 
+struct ggml_tensor * vtrim_v_cache_store(struct ggml_context * ctx, struct ggml_tensor * cache_v,
+                                         struct ggml_tensor * v, int64_t row0) {
+    const int64_t n = v->ne[1], n_embd_kv = v->ne[0];
+    struct ggml_tensor * dst = ggml_view_2d(ctx, cache_v, n, n_embd_kv, cache_v->nb[1],
+                                            (size_t) row0 * ggml_element_size(cache_v));
+    return ggml_cpy(ctx, ggml_transpose(ctx, v), dst);
+}
+
+struct ggml_tensor * vtrim_v_cache_view(struct ggml_context * ctx, struct ggml_tensor * cache_v, int64_t head_dim,
+                                        int64_t n_head_kv, int64_t n) {
+    return ggml_view_3d(ctx, cache_v, n, head_dim, n_head_kv, cache_v->nb[1], cache_v->nb[1] * head_dim, 0);
+}
+
 int32_t vtrim_cross_cache_init(struct vtrim_cross_cache * xc, int32_t n_layer, int32_t n_rows, int32_t n_embd_kv,
                                enum ggml_type type, ggml_backend_buffer_type_t buft, int32_t n_embd_states) {
     memset(xc, 0, sizeof *xc);
@@ -85,7 +98,7 @@ int32_t vtrim_cross_cache_init(struct vtrim_cross_cache * xc, int32_t n_layer, i
     }
     for (int32_t il = 0; il < n_layer; il++) {
         xc->k[il] = ggml_new_tensor_2d(xc->ctx, type, n_embd_kv, n_rows);
-        xc->v[il] = ggml_new_tensor_2d(xc->ctx, type, n_embd_kv, n_rows);
+        xc->v[il] = ggml_new_tensor_2d(xc->ctx, type, n_rows, n_embd_kv);
         ggml_format_name(xc->k[il], "cross_k_%d", il);
         ggml_format_name(xc->v[il], "cross_v_%d", il);
     }

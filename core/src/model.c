@@ -10,11 +10,32 @@
 #include "ggml-cpu.h"
 #include "gguf.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #define MAX_FILES 2
+
+// Decode streams every weight once per token, so TLB misses cost bandwidth. llama.cpp's memory-mapped weights
+// sit in the page cache, which the kernel backs with huge pages; our heap copy gets them only when asked
+// (transparent_hugepage=madvise is the common default). Asked before the pages are first touched.
+static void advise_huge_pages(ggml_backend_buffer_t buf) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = 2u << 20;
+    const uintptr_t base = (uintptr_t) ggml_backend_buffer_get_base(buf);
+    const uintptr_t begin = (base + huge - 1) & ~(huge - 1);
+    const uintptr_t end = (base + ggml_backend_buffer_get_size(buf)) & ~(huge - 1);
+    if (end > begin) {
+        (void) madvise((void *) begin, end - begin, MADV_HUGEPAGE);   // advice only: failure changes nothing
+    }
+#else
+    (void) buf;
+#endif
+}
 
 struct weight_file {
     const char *          path;
@@ -107,6 +128,9 @@ static int32_t load_weights(struct vtrim_model * m, struct weight_file * files, 
     }
     ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
     const bool host = ggml_backend_buffer_is_host(m->buf_w);
+    if (host) {
+        advise_huge_pages(m->buf_w);
+    }
     void * staging = NULL;
     size_t staging_size = 0;
     int32_t rc = 0;

@@ -28,7 +28,7 @@ int32_t vtrim_mllama_encode(struct vtrim_context * c, struct vtrim_image * const
     memset(c->xc.trimmed, 0, sizeof c->xc.trimmed);
     const size_t n_pix = (size_t) hp->max_tiles * 3 * hp->tile_size * hp->tile_size;
     float * pixels = malloc(sizeof(float) * n_pix);
-    float * mask = malloc(sizeof(float) * (size_t) L * L);
+    ggml_fp16_t * mask = malloc(sizeof(ggml_fp16_t) * (size_t) L * L);
     if (!pixels || !mask) {
         rc = vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for the image");
     }

@@ -193,7 +193,7 @@ struct ggml_tensor * vtrim_clip_build(struct ggml_context * ctx, struct ggml_cgr
         struct ggml_tensor * q = ggml_reshape_3d(ctx, vtrim_build_linear(ctx, cur, l->q_w, l->q_b), head_dim, hp->n_head, n_pos);
         struct ggml_tensor * k = ggml_reshape_3d(ctx, vtrim_build_linear(ctx, cur, l->k_w, l->k_b), head_dim, hp->n_head, n_pos);
         struct ggml_tensor * v = ggml_reshape_3d(ctx, vtrim_build_linear(ctx, cur, l->v_w, l->v_b), head_dim, hp->n_head, n_pos);
-        cur = vtrim_build_attn(ctx, q, k, v, NULL, scale, 1000 + il);
+        cur = vtrim_build_flash_attn(ctx, q, k, v, NULL, scale);
         cur = vtrim_build_linear(ctx, cur, l->o_w, l->o_b);
         cur = ggml_add(ctx, cur, residual);
 

@@ -240,11 +240,11 @@ void vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, const
         const size_t row = ggml_row_size(kv->type, n_embd_kv);
         ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, n_embd_kv, n),
                                                ggml_view_2d(ctx, kv->k[il], n_embd_kv, n, row, row * n_cached)));
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, v, ggml_view_2d(ctx, kv->v[il], n_embd_kv, n, row, row * n_cached)));
+        ggml_build_forward_expand(gf, vtrim_v_cache_store(ctx, kv->v[il], v, n_cached));
 
-        cur = vtrim_build_attn(ctx, q, cache_view(ctx, kv, kv->k[il], hp, n_cached + n),
-                               cache_view(ctx, kv, kv->v[il], hp, n_cached + n), mask_for(ctx, in, n_cached, n),
-                               scale, il);
+        cur = vtrim_build_attn_vt(ctx, q, cache_view(ctx, kv, kv->k[il], hp, n_cached + n),
+                                  vtrim_v_cache_view(ctx, kv->v[il], hp->head_dim, hp->n_head_kv, n_cached + n),
+                                  mask_for(ctx, in, n_cached, n), scale, il);
         cur = ggml_mul_mat(ctx, l->wo, cur);
         cur = ggml_add(ctx, cur, residual);
         vtrim_cb(cur, "attn_out", il);

@@ -7,7 +7,7 @@
 struct vtrim_mllama_vision_inputs {
     struct ggml_tensor * pixels;   // F32 [tile, tile, 3, max_tiles]: vtrim_mllama_preprocess's output
     struct ggml_tensor * ar_id;    // I32 [1]: the aspect ratio id (1-based)
-    struct ggml_tensor * mask;     // F32 [L, L], L = max_tiles * (n_pos + n_pad): see vtrim_mllama_vision_mask
+    struct ggml_tensor * mask;     // F16 [L, L], L = max_tiles * (n_pos + n_pad): see vtrim_mllama_vision_mask
 };
 
 // One image through the vision tower and the projector: [n_embd_text, max_tiles * n_pos] states.
@@ -15,8 +15,8 @@ struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct
                                                const struct vtrim_model * m, struct vtrim_mllama_vision_inputs * in);
 
 // HF's aspect-ratio attention mask: a row and a column that are both padding (a padded tile, or a row
-// padding a tile to a multiple of 8) are masked; every other pair is visible. mask: L * L floats.
-void vtrim_mllama_vision_mask(const struct vtrim_model * m, int32_t n_tiles, float * mask);
+// padding a tile to a multiple of 8) are masked; every other pair is visible. mask: L * L halves.
+void vtrim_mllama_vision_mask(const struct vtrim_model * m, int32_t n_tiles, ggml_fp16_t * mask);
 
 // K (k_norm applied) and V of the image states for cross layers [i0, i1), written at row0.
 void vtrim_mllama_build_cross_kv(struct ggml_context * ctx, struct ggml_cgraph * gf, const struct vtrim_model * m,

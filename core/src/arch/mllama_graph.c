@@ -9,14 +9,14 @@
 // One vision layer; gated layers (global) scale both branches by tanh(gate).
 static struct ggml_tensor * vision_layer(struct ggml_context * ctx, const struct vtrim_mllama_hparams * hp,
                                          const struct vtrim_mllama_vision_layer * l, struct ggml_tensor * cur,
-                                         struct ggml_tensor * mask, int il) {
+                                         struct ggml_tensor * mask) {
     const int64_t d = hp->n_embd, head_dim = d / hp->n_head, n = cur->ne[1];
     struct ggml_tensor * residual = cur;
     cur = vtrim_build_layer_norm(ctx, cur, l->ln1_w, l->ln1_b, hp->eps);
     struct ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->q_w, cur), head_dim, hp->n_head, n);
     struct ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->k_w, cur), head_dim, hp->n_head, n);
     struct ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->v_w, cur), head_dim, hp->n_head, n);
-    cur = vtrim_build_attn(ctx, q, k, v, mask, 1.0f / sqrtf((float) head_dim), 2000 + il);
+    cur = vtrim_build_flash_attn(ctx, q, k, v, mask, 1.0f / sqrtf((float) head_dim));
     cur = ggml_mul_mat(ctx, l->o_w, cur);
     if (l->gate_attn) {
         cur = ggml_mul(ctx, cur, ggml_tanh(ctx, vtrim_f32(ctx, l->gate_attn)));
@@ -59,7 +59,7 @@ struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct
 
     in->pixels = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, hp->tile_size, hp->tile_size, 3, T);
     in->ar_id = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
-    in->mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, L, L);
+    in->mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, L, L);
     ggml_set_input(in->pixels);
     ggml_set_input(in->ar_id);
     ggml_set_input(in->mask);
@@ -92,7 +92,7 @@ struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct
 
     struct ggml_tensor * inter = NULL;                                         // [n_inter, d, n_pos * T]
     for (int il = 0; il < hp->n_layer; il++) {
-        cur = vision_layer(ctx, hp, &m->mvlayers[il], cur, in->mask, il);
+        cur = vision_layer(ctx, hp, &m->mvlayers[il], cur, in->mask);
         for (int32_t i = 0; i < hp->n_inter; i++) {
             if (hp->inter[i] == il) {
                 struct ggml_tensor * x = ggml_reshape_3d(ctx, unpad(ctx, hp, cur), 1, d, hp->n_pos * T);
@@ -105,7 +105,7 @@ struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct
     cur = ggml_add(ctx, cur, tile_embd(ctx, hp, m->mv_post_tile, m->mv_post_tile_gate, in->ar_id));
     cur = ggml_reshape_2d(ctx, cur, d, L);
     for (int il = 0; il < hp->n_global_layer; il++) {
-        cur = vision_layer(ctx, hp, &m->mvlayers[hp->n_layer + il], cur, in->mask, 100 + il);
+        cur = vision_layer(ctx, hp, &m->mvlayers[hp->n_layer + il], cur, in->mask);
     }
     // [global, intermediates interleaved as HF's stack(dim=-1)] per token, then the projector.
     cur = unpad(ctx, hp, cur);
@@ -133,7 +133,7 @@ void vtrim_mllama_build_cross_kv(struct ggml_context * ctx, struct ggml_cgraph *
         struct ggml_tensor * v = ggml_mul_mat(ctx, l->wv, states);
         ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, n_embd_kv, n),
                                                ggml_view_2d(ctx, xc->k[i], n_embd_kv, n, row, row * row0)));
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, v, ggml_view_2d(ctx, xc->v[i], n_embd_kv, n, row, row * row0)));
+        ggml_build_forward_expand(gf, vtrim_v_cache_store(ctx, xc->v[i], v, row0));
     }
 }
 
@@ -151,8 +151,8 @@ struct ggml_tensor * vtrim_mllama_build_cross_layer(struct ggml_context * ctx, c
     const size_t es = ggml_row_size(xc->type, hp->head_dim), row = ggml_row_size(xc->type, (int64_t) hp->head_dim * hp->n_head_kv);
     const int32_t n_rows = vtrim_cross_layer_rows(xc, l->cross_index);
     struct ggml_tensor * k = ggml_view_3d(ctx, xc->k[l->cross_index], hp->head_dim, hp->n_head_kv, n_rows, es, row, 0);
-    struct ggml_tensor * v = ggml_view_3d(ctx, xc->v[l->cross_index], hp->head_dim, hp->n_head_kv, n_rows, es, row, 0);
-    cur = vtrim_build_attn(ctx, q, k, v, cross_mask, 1.0f / sqrtf((float) hp->head_dim), il);
+    struct ggml_tensor * vt = vtrim_v_cache_view(ctx, xc->v[l->cross_index], hp->head_dim, hp->n_head_kv, n_rows);
+    cur = vtrim_build_attn_vt(ctx, q, k, vt, cross_mask, 1.0f / sqrtf((float) hp->head_dim), il);
     cur = ggml_mul_mat(ctx, l->wo, cur);
     cur = ggml_add(ctx, residual, ggml_mul(ctx, cur, ggml_tanh(ctx, vtrim_f32(ctx, l->attn_gate))));
 
@@ -164,14 +164,15 @@ struct ggml_tensor * vtrim_mllama_build_cross_layer(struct ggml_context * ctx, c
     return ggml_add(ctx, residual, ggml_mul(ctx, cur, ggml_tanh(ctx, vtrim_f32(ctx, l->mlp_gate))));
 }
 
-void vtrim_mllama_vision_mask(const struct vtrim_model * m, int32_t n_tiles, float * mask) {
+void vtrim_mllama_vision_mask(const struct vtrim_model * m, int32_t n_tiles, ggml_fp16_t * mask) {
     const struct vtrim_mllama_hparams * hp = &m->mllama;
     const int32_t rows = hp->n_pos + hp->n_pad, L = rows * hp->max_tiles;
+    const ggml_fp16_t masked = ggml_fp32_to_fp16(-INFINITY), visible = ggml_fp32_to_fp16(0.0f);
     for (int32_t i = 0; i < L; i++) {
         const bool pad_i = i / rows >= n_tiles || i % rows >= hp->n_pos;
         for (int32_t j = 0; j < L; j++) {
             const bool pad_j = j / rows >= n_tiles || j % rows >= hp->n_pos;
-            mask[(size_t) i * L + j] = pad_i && pad_j ? -INFINITY : 0.0f;
+            mask[(size_t) i * L + j] = pad_i && pad_j ? masked : visible;
         }
     }
 }
