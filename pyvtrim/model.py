@@ -272,6 +272,23 @@ class Model:
             out["stages"].append(stage_dict(stage))
         return out
 
+    @property
+    def graph_ops(self) -> List[str]:
+        """The ggml ops of every graph this Model's context has run, by ggml's enum names (e.g.
+        "GGML_OP_MUL_MAT", "GGML_UNARY_OP_SILU"), sorted: what a backend must support to run them."""
+        ctx, ffi = self._ctx(), self._ffi
+        buf: List[Any] = [None]
+        n_out = ffi.new("int32_t *")
+
+        def attempt(capacity: int) -> Tuple[int, int]:
+            buf[0] = ffi.new("char[]", capacity)
+            rc = self._lib.vtrim_graph_ops(ctx, buf[0], capacity, n_out)
+            return rc, int(n_out[0]) + 1
+
+        _sized_call(attempt, 1024)
+        text = ffi.string(buf[0]).decode("ascii")
+        return text.split(",") if text else []
+
     def last_kept_image_rows(self) -> List[int]:
         """The image rows the decoder's last layers hold after the last prefill, ascending, as indices
         into that prefill's expanded prompt (each image placeholder counted as n_image_tokens rows)."""

@@ -266,6 +266,11 @@ VTRIM_API int32_t vtrim_decode(struct vtrim_context * ctx, int32_t token);
 /* The logits of the last token (n_vocab floats). */
 VTRIM_API int32_t vtrim_logits(const struct vtrim_context * ctx, float * logits, int32_t n_vocab);
 VTRIM_API int32_t vtrim_get_stats(const struct vtrim_context * ctx, struct vtrim_stats * out);
+/* The ggml ops of every graph the context has run, as ggml's enum names ("GGML_OP_MUL_MAT",
+ * "GGML_UNARY_OP_SILU", ...), sorted, comma separated, NUL-terminated: what a backend must support to run
+ * this model and these reductions. *n_out: the length without the NUL; VTRIM_ERR_BUFFER_TOO_SMALL when
+ * n_max < *n_out + 1. */
+VTRIM_API int32_t vtrim_graph_ops(const struct vtrim_context * ctx, char * text, int32_t n_max, int32_t * n_out);
 
 /* ---- reduction policies: applied, in order, to every later prefill that holds images ---------- */
 

@@ -6,6 +6,7 @@
 #include "ggml-alloc.h"
 #include "ggml-cpu.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__unix__) || defined(__APPLE__)
@@ -167,10 +168,72 @@ int32_t vtrim_context_graph_alloc(struct vtrim_context * c, struct ggml_cgraph *
     return 0;
 }
 
+static void note_ops(struct vtrim_context * c, struct ggml_cgraph * gf) {
+    for (int i = 0; i < ggml_graph_n_nodes(gf); i++) {
+        const struct ggml_tensor * t = ggml_graph_node(gf, i);
+        size_t slot = (size_t) t->op;
+        if (t->op == GGML_OP_UNARY) {
+            slot = GGML_OP_COUNT + (size_t) ggml_get_unary_op(t);
+        } else if (t->op == GGML_OP_GLU) {
+            slot = GGML_OP_COUNT + GGML_UNARY_OP_COUNT + (size_t) ggml_get_glu_op(t);
+        }
+        c->ops_seen[slot] = true;
+    }
+}
+
 int32_t vtrim_context_graph_compute(struct vtrim_context * c, struct ggml_cgraph * gf) {
+    note_ops(c, gf);
     if (ggml_backend_sched_graph_compute(c->sched, gf) != GGML_STATUS_SUCCESS) {
         return vtrim_fail(VTRIM_ERR_BACKEND, "graph computation failed");
     }
+    return 0;
+}
+
+static int compare_names(const void * a, const void * b) {
+    return strcmp(*(const char * const *) a, *(const char * const *) b);
+}
+
+int32_t vtrim_graph_ops(const struct vtrim_context * c, char * text, int32_t n_max, int32_t * n_out) {
+    if (!c || !n_out || (n_max > 0 && !text) || n_max < 0) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_graph_ops: ctx, n_out and a text buffer are required");
+    }
+    enum { N = GGML_OP_COUNT + GGML_UNARY_OP_COUNT + GGML_GLU_OP_COUNT };
+    char names[N][64];
+    const char * sorted[N];
+    int n = 0;
+    for (int slot = 0; slot < N; slot++) {
+        if (!c->ops_seen[slot]) {
+            continue;
+        }
+        if (slot < GGML_OP_COUNT) {
+            snprintf(names[n], sizeof names[n], "GGML_OP_%s", ggml_op_name((enum ggml_op) slot));
+        } else if (slot < GGML_OP_COUNT + GGML_UNARY_OP_COUNT) {
+            snprintf(names[n], sizeof names[n], "GGML_UNARY_OP_%s",
+                     ggml_unary_op_name((enum ggml_unary_op) (slot - GGML_OP_COUNT)));
+        } else {
+            snprintf(names[n], sizeof names[n], "GGML_GLU_OP_%s",
+                     ggml_glu_op_name((enum ggml_glu_op) (slot - GGML_OP_COUNT - GGML_UNARY_OP_COUNT)));
+        }
+        sorted[n] = names[n];
+        n++;
+    }
+    qsort(sorted, (size_t) n, sizeof sorted[0], compare_names);
+    int32_t len = 0;
+    for (int i = 0; i < n; i++) {
+        const int32_t l = (int32_t) strlen(sorted[i]) + (i > 0);
+        if (text && len + l < n_max) {
+            snprintf(text + len, (size_t) (n_max - len), "%s%s", i > 0 ? "," : "", sorted[i]);
+        }
+        len += l;
+    }
+    *n_out = len;
+    if (len >= n_max) {
+        if (n_max > 0) {
+            text[0] = '\0';
+        }
+        return vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_graph_ops: %d bytes needed, %d given", len + 1, n_max);
+    }
+    text[len] = '\0';
     return 0;
 }
 

@@ -39,6 +39,7 @@ struct vtrim_context {
     int32_t                    n_kept_image_rows;
 
     struct vtrim_stats stats;
+    bool ops_seen[GGML_OP_COUNT + GGML_UNARY_OP_COUNT + GGML_GLU_OP_COUNT];   // see vtrim_graph_ops
 };
 
 int32_t vtrim_context_n_vocab(const struct vtrim_context * ctx);
