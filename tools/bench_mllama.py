@@ -19,9 +19,13 @@ a Markdown table. The vision tower always runs all max_num_tiles tiles (HF pads)
 minutes on a 2-core CPU.
 
     python tools/bench_mllama.py                  # f16, 2 threads, 1 and 4 tiles, 32 decode tokens
-    python tools/bench_mllama.py --decode 16      # what bench/results/trim.json was made with
     python tools/bench_mllama.py --quick          # 8 decode tokens
     python tools/bench_mllama.py --shape tiny     # a small tower and text stack: a smoke test in seconds
+    python tools/bench_mllama.py --only-paired    # add the paired decode to an existing report
+
+Decode speed is compared twice: in each configuration's own process (with its peak RSS), and side by side in
+one process (--paired: one Model per configuration, single steps interleaved), the comparison that stands on
+a machine whose speed drifts while other work comes and goes.
 
 Configurations: "none", "trim:union:K" (each head keeps its top K of the features, the union is kept),
 "trim:budget:F" (keep the fraction F by the head-mean score); append ":first" to trim the first
@@ -367,6 +371,39 @@ def run_one(path: str, spec: str, tiles: int, threads: int, n_decode: int, reps:
     return best
 
 
+def run_paired(path: str, specs: list, tiles: int, threads: int, n_decode: int) -> dict:
+    """Decode the configurations side by side in one process: one Model each (the weights once per Model),
+    all prefilled with the same image, then single steps interleaved (A B, B A, ...), so that whatever else
+    slows the machine down lands on every configuration alike. The ratio per round is paired."""
+    import numpy as np
+
+    import pyvtrim
+
+    img = bench_image(IMAGE_SIDES[tiles])
+    models = [pyvtrim.Model(path, n_ctx=1024, n_threads=threads) for _ in specs]
+    try:
+        ids = models[0].tokenize(models[0].chat_prompt(PROMPT, 1), add_special=False)
+        ids = ids if ids[0] == BOS_ID else [BOS_ID] + ids
+        toks = [int(np.argmax(m.forward(ids, [img], reduce=parse_spec(spec)))) for m, spec in zip(models, specs)]
+        steps = [[] for _ in specs]
+        for r in range(n_decode):
+            order = range(len(specs)) if r % 2 == 0 else reversed(range(len(specs)))
+            for i in order:
+                t0 = time.perf_counter()
+                toks[i] = int(np.argmax(models[i].decode(toks[i])))
+                steps[i].append(time.perf_counter() - t0)
+        kept = [m.last_stats["n_image_tokens_kept"] for m in models]
+    finally:
+        for m in models:
+            m.close()
+    base = np.array(steps[0])
+    return dict(n_tiles=tiles, configs=list(specs), n_decode=n_decode, n_image_tokens_kept=kept,
+                decode_tok_s_median=[1.0 / float(np.median(x)) for x in steps],
+                # per round: the base step's time over this configuration's (>1: this one decodes faster)
+                paired_speed_ratio_median=[float(np.median(base / np.array(x))) for x in steps],
+                decode_step_ms=[[round(t * 1000.0, 1) for t in x] for x in steps])
+
+
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
@@ -410,6 +447,16 @@ def summarize(r: dict, base: dict, cfg: dict) -> None:
     r["decode_no_slower"] = r["decode_tok_s_best"] >= base["decode_tok_s_best"]
 
 
+def print_paired(report: dict) -> None:
+    for p in report.get("paired_decode", []):
+        print(f"\n{p['n_tiles']} tile(s), {p['n_decode']} decode steps interleaved in one process:\n")
+        print("| config | features kept | decode tok/s (median step) | speed vs none (median of paired rounds) |")
+        print("|---|---|---|---|")
+        for c, k, t, r in zip(p["configs"], p["n_image_tokens_kept"], p["decode_tok_s_median"],
+                              p["paired_speed_ratio_median"]):
+            print(f"| {c} | {k} | {t:.2f} | {r:.3f} |")
+
+
 def print_table(report: dict) -> None:
     print(f"\n{report['model']}, {report['threads']} threads, {report['n_decode']} decode tokens\n")
     print("| tiles | config | features kept | cross KV MiB (ratio) | TTFT s | encode s | prefill ms | "
@@ -437,13 +484,26 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="none,trim:union:0.25,trim:budget:0.5")
     ap.add_argument("--out", default="bench/results/trim.json")
     ap.add_argument("--table", metavar="JSON", help="print the table of a saved report and exit")
+    ap.add_argument("--paired", default="none,trim:budget:0.5", metavar="CONFIGS",
+                    help="after the runs, decode these configurations side by side in one process, steps "
+                         "interleaved (one Model each: keep the list short, every Model holds the weights); "
+                         "'' skips it")
+    ap.add_argument("--only-paired", action="store_true",
+                    help="run only the paired decode and add it to the report at --out")
     ap.add_argument("--one", help=argparse.SUPPRESS)       # internal: path|spec|tiles, print JSON
+    ap.add_argument("--one-paired", help=argparse.SUPPRESS)   # internal: path|specs|tiles, print JSON
     args = ap.parse_args(argv)
     if args.table:
-        print_table(json.loads(Path(args.table).read_text()))
+        report = json.loads(Path(args.table).read_text())
+        print_table(report)
+        print_paired(report)
         return 0
     if args.quick:
         args.decode, args.reps = 8, 1
+    if args.one_paired:
+        path, specs, tiles = args.one_paired.split("|")
+        print(json.dumps(run_paired(path, specs.split(","), int(tiles), args.threads, args.decode)))
+        return 0
     if args.one:
         path, spec, tiles = args.one.split("|")
         print(json.dumps(run_one(path, spec, int(tiles), args.threads, args.decode, args.reps)))
@@ -468,7 +528,10 @@ def main(argv=None) -> int:
                   machine=platform.machine(), cpu_count=os.cpu_count(), complete=False, results=results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for n in tiles:
+    if args.only_paired:
+        report = json.loads(out.read_text())
+        tiles = [t for t in tiles if any(r["n_tiles"] == t for r in report["results"])]
+    for n in tiles if not args.only_paired else []:
         base = None
         for spec in specs:
             cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--decode",
@@ -491,9 +554,25 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             out.write_text(json.dumps(report, indent=2))   # after every configuration: a run takes hours
 
+    report["paired_decode"] = []
+    for n in tiles if args.paired else []:
+        cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--decode", str(args.decode),
+               "--one-paired", f"{path}|{args.paired}|{n}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+            raise SystemExit(f"paired decode ({n} tiles) failed with exit code {proc.returncode}")
+        p = json.loads(proc.stdout.strip().splitlines()[-1])
+        report["paired_decode"].append(p)
+        print(f"{n} tile(s) paired decode: " + ", ".join(
+            f"{c} {t:.2f} tok/s (x{r:.3f})" for c, t, r in zip(p["configs"], p["decode_tok_s_median"],
+                                                                p["paired_speed_ratio_median"])), file=sys.stderr)
+        out.write_text(json.dumps(report, indent=2))
+
     report["complete"] = True
     out.write_text(json.dumps(report, indent=2))
     print_table(report)
+    print_paired(report)
     print(f"\nwrote {out}")
     return 0
 
