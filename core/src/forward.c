@@ -7,8 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void fill_causal(float * mask, int32_t n_cached, int32_t n) {
-    const int32_t n_kv = n_cached + n;
+static void fill_causal(float * mask, int32_t n_cached, int32_t n, int32_t n_kv) {
     for (int32_t r = 0; r < n; r++) {
         for (int32_t j = 0; j < n_kv; j++) {
             mask[(size_t) r * n_kv + j] = j <= n_cached + r ? 0.0f : -INFINITY;
@@ -96,7 +95,7 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
             ggml_backend_tensor_set(in.pos, rows->pos + a, 0, ggml_nbytes(in.pos));
         }
         for (int i = 0; i < in.n_masks; i++) {
-            fill_causal(mask, in.mask_n_cached[i], n);
+            fill_causal(mask, in.mask_n_cached[i], n, (int32_t) in.mask[i]->ne[0]);
             ggml_backend_tensor_set(in.mask[i], mask, 0, ggml_nbytes(in.mask[i]));
         }
         if (in.row_mask) {
@@ -139,7 +138,8 @@ int32_t vtrim_forward(struct vtrim_context * c, const struct vtrim_rows * rows, 
         max_cached = c->kv.n[il] > max_cached ? c->kv.n[il] : max_cached;
     }
     const int32_t n_chunk = rows->n < n_batch ? rows->n : n_batch;
-    const int32_t n_mask_cols = (max_cached + rows->n) > c->xc.n ? (max_cached + rows->n) : c->xc.n;
+    const int32_t n_kv = vtrim_llama_n_kv_padded(max_cached + rows->n, c->kv.n_ctx);
+    const int32_t n_mask_cols = n_kv > c->xc.n ? n_kv : c->xc.n;
     // img holds n_embd floats a row, or the row mask and the kept-columns cross mask (n + n_kept a row)
     const int32_t img_cols = n_embd > 1 + c->xc.n_kept ? n_embd : 1 + c->xc.n_kept;
     const size_t scratch_size = sizeof(int32_t) * 2 * (size_t) n_chunk + sizeof(float) * (size_t) n_chunk * img_cols +

@@ -132,8 +132,13 @@ static struct ggml_tensor * build_inp_embd(struct ggml_context * ctx, const stru
     return ggml_get_rows(ctx, ggml_concat(ctx, text, image, 1), in->order);
 }
 
+int32_t vtrim_llama_n_kv_padded(int32_t n_kv, int32_t n_ctx) {
+    const int32_t padded = (n_kv + VTRIM_KV_PAD - 1) / VTRIM_KV_PAD * VTRIM_KV_PAD;
+    return padded < n_ctx ? padded : n_ctx;
+}
+
 static struct ggml_tensor * mask_for(struct ggml_context * ctx, struct vtrim_llama_inputs * in, int32_t n_cached,
-                                     int32_t n) {
+                                     int32_t n, int32_t n_ctx) {
     for (int i = 0; i < in->n_masks; i++) {
         if (in->mask_n_cached[i] == n_cached) {
             return in->mask[i];
@@ -141,7 +146,7 @@ static struct ggml_tensor * mask_for(struct ggml_context * ctx, struct vtrim_lla
     }
     // More distinct cache lengths than masks cannot happen with fewer than VTRIM_MAX_MASKS reduction stages.
     const int i = in->n_masks < VTRIM_MAX_MASKS ? in->n_masks++ : VTRIM_MAX_MASKS - 1;
-    in->mask[i] = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_cached + n, n);
+    in->mask[i] = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, vtrim_llama_n_kv_padded(n_cached + n, n_ctx), n);
     in->mask_n_cached[i] = n_cached;
     ggml_set_input(in->mask[i]);
     return in->mask[i];
@@ -242,9 +247,10 @@ void vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, const
                                                ggml_view_2d(ctx, kv->k[il], n_embd_kv, n, row, row * n_cached)));
         ggml_build_forward_expand(gf, vtrim_v_cache_store(ctx, kv->v[il], v, n_cached));
 
-        cur = vtrim_build_attn_vt(ctx, q, cache_view(ctx, kv, kv->k[il], hp, n_cached + n),
-                                  vtrim_v_cache_view(ctx, kv->v[il], hp->head_dim, hp->n_head_kv, n_cached + n),
-                                  mask_for(ctx, in, n_cached, n), scale, il);
+        const int32_t n_kv = vtrim_llama_n_kv_padded(n_cached + n, kv->n_ctx);
+        cur = vtrim_build_attn_vt(ctx, q, cache_view(ctx, kv, kv->k[il], hp, n_kv),
+                                  vtrim_v_cache_view(ctx, kv->v[il], hp->head_dim, hp->n_head_kv, n_kv),
+                                  mask_for(ctx, in, n_cached, n, kv->n_ctx), scale, il);
         cur = ggml_mul_mat(ctx, l->wo, cur);
         cur = ggml_add(ctx, cur, residual);
         vtrim_cb(cur, "attn_out", il);

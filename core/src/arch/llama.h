@@ -6,6 +6,12 @@
 
 #define VTRIM_MAX_MASKS 8
 
+// Self-attention reads the cache in multiples of VTRIM_KV_PAD rows (the rows past the sequence masked), as
+// llama.cpp pads n_kv: the product of the probabilities with V then has an aligned inner dimension, which the
+// tinyBLAS kernels need (an unaligned one falls back to ggml's generic path, ~10% of a prefill).
+#define VTRIM_KV_PAD 32
+int32_t vtrim_llama_n_kv_padded(int32_t n_kv, int32_t n_ctx);
+
 // Input tensors a decoder graph asks the caller to fill (NULL when absent).
 struct vtrim_llama_inputs {
     struct ggml_tensor * text_ids;    // I32 [n_text]: token ids of the text rows, in order      (il0 == 0)
@@ -14,7 +20,7 @@ struct vtrim_llama_inputs {
     struct ggml_tensor * hidden;      // F32 [n_embd, n]: the rows' hidden states entering il0     (il0 > 0)
     struct ggml_tensor * pos;         // I32 [n]: RoPE positions
     // Causal masks, one per distinct number of cached rows among the layers: mask[i] is
-    // [n_cached + n, n], row r seeing columns 0 .. n_cached + r.
+    // [vtrim_llama_n_kv_padded(n_cached + n), n], row r seeing columns 0 .. n_cached + r.
     struct ggml_tensor * cross_mask;  // F32 [xc->n, n]: image states each row sees (mllama)
     struct ggml_tensor * cross_mask_kept;  // F32 [xc->n_kept, n]: the same, columns of the kept states only
     struct ggml_tensor * row_mask;    // F32 [1, n]: 0 for rows that see no image
