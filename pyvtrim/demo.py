@@ -61,10 +61,11 @@ def llama_vocab_path() -> Path:
     raise FileNotFoundError(f"{name} is not installed (looked at {p} and {archive})")
 
 
-def _random(name: str, shape: tuple, scale: float, offset: float = 0.0):
-    """A lazy random tensor; its seed comes from its name, so the file is the same on every machine."""
+def lazy_random(name: str, shape: tuple, scale: float, offset: float = 0.0, seed: int = DEMO_SEED):
+    """A lazy random tensor (a function that makes it): standard normal * scale + offset, seeded by seed
+    and the tensor's name, so a random-weight model file is the same on every machine."""
     def make():
-        rng = np.random.default_rng([DEMO_SEED, zlib.crc32(name.encode())])
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         a = rng.standard_normal(shape, dtype=np.float32)
         a *= scale
         if offset:
@@ -88,13 +89,13 @@ def demo_tensors(cfg: dict = DEMO_CONFIG):
         # matrices: std 1/sqrt(fan_in) keeps activations of order 1; norms near 1; biases small.
         if kind == "matrix":
             fan_in = int(np.prod(shape[1:]))
-            t[name] = _random(name, shape, 1.0 / np.sqrt(fan_in))
+            t[name] = lazy_random(name, shape, 1.0 / np.sqrt(fan_in))
         elif kind == "norm":
-            t[name] = _random(name, shape, 0.05, 1.0)
+            t[name] = lazy_random(name, shape, 0.05, 1.0)
         elif kind == "bias":
-            t[name] = _random(name, shape, 0.02)
+            t[name] = lazy_random(name, shape, 0.02)
         else:  # embeddings
-            t[name] = _random(name, shape, 1.0 if name.endswith("embed_tokens.weight") else 0.1)
+            t[name] = lazy_random(name, shape, 1.0 if name.endswith("embed_tokens.weight") else 0.1)
         shapes[name] = shape
 
     pre = "language_model.model."

@@ -32,7 +32,7 @@ except ImportError:
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from pyvtrim.conversion.mllama import MLLAMA_CHAT_TEMPLATE  # noqa: E402
-from pyvtrim.conversion.vocab_bpe import LLAMA3_SPLIT_REGEX  # noqa: E402
+from pyvtrim.conversion.vocab_bpe import LLAMA3_SPLIT_REGEX, llama31_special_token  # noqa: E402
 
 FIXTURE_VERSION = 1  # bump when make_tiny_mllama changes what it builds (invalidates the caches)
 
@@ -51,19 +51,6 @@ N_BASE_TOKENS = 128000         # byte-level BPE pieces; 128000.. are the special
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PIL_BILINEAR = 2
-
-
-def llama31_special_token(tid: int) -> str:
-    """The name Llama-3.1/3.2 gives special token id 128000..128255."""
-    fixed = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128002: "<|reserved_special_token_0|>",
-             128003: "<|reserved_special_token_1|>", 128004: "<|finetune_right_pad_id|>",
-             128005: "<|reserved_special_token_2|>", 128006: "<|start_header_id|>", 128007: "<|end_header_id|>",
-             128008: "<|eom_id|>", 128009: "<|eot_id|>", 128010: "<|python_tag|>"}
-    if tid in fixed:
-        return fixed[tid]
-    if 128011 <= tid <= 128255:
-        return f"<|reserved_special_token_{tid - 128011 + 3}|>"
-    raise ValueError(f"{tid} is not a Llama-3 special token id")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,16 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-TEXT_SHAPES = {
-    # TinyLlama-1.1B: 22 layers, 2048 wide, 32 heads / 4 KV heads, ff 5632
-    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                      num_key_value_heads=4),
-    # Llama-2-7B / Vicuna-7B (LLaVA-1.5-7B's text model)
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32),
-}
-CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=336, patch_size=14)
+from bench_common import CLIP_L_336, TEXT_SHAPES, best_of_prefills
 
 PROMPT = "Describe this picture in detail, then list every object you can see."
 
@@ -79,22 +70,11 @@ def run_one(path: str, reduce_spec: str, threads: int, n_decode: int, reps: int)
         _, k, r = reduce_spec.split(":")
         reduce = pyvtrim.FastV(k=int(k), ratio=float(r))
     img = bench_image()
-    best: dict = {}
     with pyvtrim.Model(path, n_ctx=2048, n_threads=threads) as m:
         ids = m.tokenize(m.chat_prompt(PROMPT, 1))
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            m.forward(ids, [img], reduce=reduce)
-            ttft = (time.perf_counter() - t0) * 1000.0
-            st = m.last_stats
-            if not best or ttft < best["ttft_ms"]:
-                best = dict(ttft_ms=ttft, encode_ms=st["t_encode_ms"], prefill_ms=st["t_prefill_ms"],
-                            n_prompt_tokens=st["n_prompt_tokens"], n_image_tokens=st["n_image_tokens"],
-                            n_image_tokens_kept=st["n_image_tokens_kept"], kv_cache_bytes=st["kv_cache_bytes"],
-                            prefill_flops=st["prefill_flops"], prefill_flops_full=st["prefill_flops_full"],
-                            stages=st["stages"])
-        # decode: greedy continuation of the same prompt, ignoring end-of-generation
-        tok = int(np.argmax(m.forward(ids, [img], reduce=reduce)))
+        best, logits = best_of_prefills(m, ids, [img], reduce, reps)
+        # decode: greedy continuation of the last prefill, ignoring end-of-generation
+        tok = int(np.argmax(logits))
         t0 = time.perf_counter()
         for _ in range(n_decode):
             m.decode(tok)

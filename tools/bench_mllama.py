@@ -44,6 +44,8 @@ import time
 import zlib
 from pathlib import Path
 
+from bench_common import best_of_prefills
+
 SEED = 2025
 
 # The 11B's vision tower (Llama-3.2-11B-Vision config.json).
@@ -94,20 +96,6 @@ def bench_config(shape: str) -> dict:
             "image_token_index": IMAGE_TOKEN_ID, "text_config": tc, "vision_config": vc}
 
 
-def _random(name: str, shape: tuple, scale: float, offset: float = 0.0):
-    """A lazy random tensor whose seed comes from its name (the same file on every machine)."""
-    import numpy as np
-
-    def make():
-        rng = np.random.default_rng([SEED, zlib.crc32(name.encode())])
-        a = rng.standard_normal(shape, dtype=np.float32)
-        a *= scale
-        if offset:
-            a += offset
-        return a
-    return make
-
-
 def _gate(name: str):
     """A scalar gate of magnitude 0.3-1.2 and random sign (HF initialises some gates to 0: tanh(0) would
     switch those paths off)."""
@@ -121,6 +109,11 @@ def _gate(name: str):
 def mllama_tensors(cfg: dict):
     """HF-named (transformers 4.x checkpoint names) lazy random tensors and their shapes."""
     import numpy as np
+
+    from pyvtrim.demo import lazy_random
+
+    def _random(name, shape, scale, offset=0.0):
+        return lazy_random(name, shape, scale, offset, seed=SEED)
 
     tc, vc = cfg["text_config"], cfg["vision_config"]
     H, F, L = tc["hidden_size"], tc["intermediate_size"], tc["num_hidden_layers"]
@@ -153,22 +146,16 @@ def mllama_tensors(cfg: dict):
     for i in range(L):
         b = f"{pre}layers.{i}."
         add(b + "input_layernorm.weight", (H,), "norm")
+        a = b + ("cross_attn." if i in cross else "self_attn.")
+        add(a + "q_proj.weight", (nh * D, H), "matrix")
+        add(a + "k_proj.weight", (nkv * D, H), "matrix")
+        add(a + "v_proj.weight", (nkv * D, H), "matrix")
+        add(a + "o_proj.weight", (H, nh * D), "matrix")
         if i in cross:
-            a = b + "cross_attn."
-            add(a + "q_proj.weight", (nh * D, H), "matrix")
-            add(a + "k_proj.weight", (nkv * D, H), "matrix")
-            add(a + "v_proj.weight", (nkv * D, H), "matrix")
-            add(a + "o_proj.weight", (H, nh * D), "matrix")
             add(a + "q_norm.weight", (D,), "norm")
             add(a + "k_norm.weight", (D,), "norm")
             add(b + "cross_attn_attn_gate", (1,), "gate")
             add(b + "cross_attn_mlp_gate", (1,), "gate")
-        else:
-            a = b + "self_attn."
-            add(a + "q_proj.weight", (nh * D, H), "matrix")
-            add(a + "k_proj.weight", (nkv * D, H), "matrix")
-            add(a + "v_proj.weight", (nkv * D, H), "matrix")
-            add(a + "o_proj.weight", (H, nh * D), "matrix")
         add(b + "post_attention_layernorm.weight", (H,), "norm")
         add(b + "mlp.gate_proj.weight", (F, H), "matrix")
         add(b + "mlp.up_proj.weight", (F, H), "matrix")
@@ -208,19 +195,6 @@ def mllama_tensors(cfg: dict):
     return t, shapes
 
 
-def llama31_special_token(tid: int) -> str:
-    """The name Llama-3.1/3.2 gives special token id 128000..128255 (the archive has Llama-3.0's)."""
-    fixed = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128002: "<|reserved_special_token_0|>",
-             128003: "<|reserved_special_token_1|>", 128004: "<|finetune_right_pad_id|>",
-             128005: "<|reserved_special_token_2|>", 128006: "<|start_header_id|>", 128007: "<|end_header_id|>",
-             128008: "<|eom_id|>", 128009: "<|eot_id|>", 128010: "<|python_tag|>"}
-    if tid in fixed:
-        return fixed[tid]
-    if 128011 <= tid < TEXT_VOCAB:
-        return f"<|reserved_special_token_{tid - 128011 + 3}|>"
-    raise ValueError(f"{tid} is not a Llama-3 special token id")
-
-
 def llama3_vision_vocab(n_rows: int):
     """Llama-3.2-Vision's tokenizer as a BpeVocab: the archive's Llama-3 pieces and merges, Llama-3.1's
     special names, <|image|> at 128256, [PAD] rows up to the embedding's n_rows."""
@@ -229,7 +203,7 @@ def llama3_vision_vocab(n_rows: int):
     from pyvtrim._ffi import data_path
     from pyvtrim.conversion.mllama import MLLAMA_CHAT_TEMPLATE
     from pyvtrim.conversion.vocab import CONTROL
-    from pyvtrim.conversion.vocab_bpe import BpeVocab
+    from pyvtrim.conversion.vocab_bpe import BpeVocab, llama31_special_token
     from pyvtrim.demo import cache_dir
 
     name = "ggml-vocab-llama-bpe.gguf"
@@ -327,24 +301,13 @@ def run_one(path: str, spec: str, tiles: int, threads: int, n_decode: int, reps:
     img = bench_image(IMAGE_SIDES[tiles])
     load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
-    best: dict = {}
     with pyvtrim.Model(path, n_ctx=1024, n_threads=threads) as m:
         load_s = time.perf_counter() - t0
         n_tiles = m.preprocess_info(img).get("n_tiles")
         ids = m.tokenize(m.chat_prompt(PROMPT, 1), add_special=False)
         if ids[0] != BOS_ID:
             ids = [BOS_ID] + ids
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            logits = m.forward(ids, [img], reduce=reduce)
-            ttft = (time.perf_counter() - t0) * 1000.0
-            st = m.last_stats
-            if not best or ttft < best["ttft_ms"]:
-                best = dict(ttft_ms=ttft, encode_ms=st["t_encode_ms"], prefill_ms=st["t_prefill_ms"],
-                            n_prompt_tokens=st["n_prompt_tokens"], n_image_tokens=st["n_image_tokens"],
-                            n_image_tokens_kept=st["n_image_tokens_kept"], kv_cache_bytes=st["kv_cache_bytes"],
-                            prefill_flops=st["prefill_flops"], prefill_flops_full=st["prefill_flops_full"],
-                            stages=st["stages"])
+        best, logits = best_of_prefills(m, ids, [img], reduce, reps)
         # decode right after the last prefill: greedy, ignoring end-of-generation
         tok = int(np.argmax(logits))
         steps = []

@@ -53,20 +53,13 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import CLIP_L_336 as _CLIP_L_336, TEXT_SHAPES
+
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 LLAMA_CPP_PYTHON_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 PEER_PACKAGES = ["torch==2.13.0", "transformers==5.23.0", "numpy", "pillow", "safetensors", "matplotlib"]
 
-TEXT_SHAPES = {
-    # TinyLlama-1.1B: 22 layers, 2048 wide, 32 heads / 4 KV heads, ff 5632
-    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                      num_key_value_heads=4),
-    # Llama-2-7B / Vicuna-7B (LLaVA-1.5-7B's text model)
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32),
-}
-CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=336, patch_size=14, projection_dim=768)
+CLIP_L_336 = dict(_CLIP_L_336, projection_dim=768)   # the transformers config wants the projection width
 IMAGE_TOKEN = 32000
 
 QUESTION = "Describe this picture in detail, then list every object you can see."

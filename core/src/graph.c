@@ -59,11 +59,6 @@ struct ggml_tensor * vtrim_build_attn_vt(struct ggml_context * ctx, struct ggml_
     return ggml_cont_2d(ctx, kqv, head_dim * n_head, n_q);
 }
 
-struct ggml_tensor * vtrim_build_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
-                                      struct ggml_tensor * v, struct ggml_tensor * mask, float scale, int il) {
-    return vtrim_build_attn_vt(ctx, q, k, ggml_cont(ctx, ggml_permute(ctx, v, 1, 2, 0, 3)), mask, scale, il);
-}
-
 struct ggml_tensor * vtrim_build_flash_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
                                             struct ggml_tensor * v, struct ggml_tensor * mask, float scale) {
     const int64_t head_dim = q->ne[0], n_head = q->ne[1], n_q = q->ne[2];

@@ -26,17 +26,14 @@ struct ggml_tensor * vtrim_build_swiglu_ffn(struct ggml_context * ctx, struct gg
                                             struct ggml_tensor * down);
 
 // Softmax attention with explicit probabilities (kept so that reduction methods can read them).
-// q: [head_dim, n_head, n_q]; k, v: [head_dim, n_head_kv, n_kv] (views into a cache are fine);
-// mask: [n_kv, n_q] additive (0 / -INF) or NULL. n_head must be a multiple of n_head_kv (GQA).
-// Returns [head_dim * n_head, n_q].
-struct ggml_tensor * vtrim_build_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
-                                      struct ggml_tensor * v, struct ggml_tensor * mask, float scale, int il);
+// q: [head_dim, n_head, n_q]; k: [head_dim, n_head_kv, n_kv] and vt: V transposed, [n_kv, head_dim, n_head_kv]
+// (views of the caches, which store V transposed so that no copy of V is made per call); mask: [n_kv, n_q]
+// additive (0 / -INF) or NULL. n_head must be a multiple of n_head_kv (GQA). Returns [head_dim * n_head, n_q].
+struct ggml_tensor * vtrim_build_attn_vt(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                         struct ggml_tensor * vt, struct ggml_tensor * mask, float scale, int il);
+
 // Attention without a probability matrix in memory (ggml_flash_attn_ext, f32 accumulation): for the vision
 // towers, whose thousands of rows would make explicit scores gigabytes and whose scores no reduction reads.
 // q: [head_dim, n_head, n_q]; k, v: [head_dim, n_head_kv, n_kv]; mask: F16 [n_kv, n_q] or NULL.
 struct ggml_tensor * vtrim_build_flash_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
                                             struct ggml_tensor * v, struct ggml_tensor * mask, float scale);
-// The same with V already transposed, vt: [n_kv, head_dim, n_head_kv] (a view of a transposed V cache), so
-// that no copy of V is made per call: what a decode step reads from the caches.
-struct ggml_tensor * vtrim_build_attn_vt(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
-                                         struct ggml_tensor * vt, struct ggml_tensor * mask, float scale, int il);

@@ -28,6 +28,20 @@ LLAMA3_SPLIT_REGEX = (
 KNOWN_SPLITS = {LLAMA3_SPLIT_REGEX: "llama-bpe"}
 
 
+def llama31_special_token(tid: int) -> str:
+    """The name Llama-3.1/3.2 gives special token id 128000..128255 (the pinned archive's Llama-3 vocabulary
+    has Llama-3.0's names): what a Llama-3.2-Vision tokenizer holds at those ids."""
+    fixed = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128002: "<|reserved_special_token_0|>",
+             128003: "<|reserved_special_token_1|>", 128004: "<|finetune_right_pad_id|>",
+             128005: "<|reserved_special_token_2|>", 128006: "<|start_header_id|>", 128007: "<|end_header_id|>",
+             128008: "<|eom_id|>", 128009: "<|eot_id|>", 128010: "<|python_tag|>"}
+    if tid in fixed:
+        return fixed[tid]
+    if 128011 <= tid <= 128255:
+        return f"<|reserved_special_token_{tid - 128011 + 3}|>"
+    raise ValueError(f"{tid} is not a Llama-3 special token id")
+
+
 @dataclass
 class BpeVocab:
     tokens: List[str]

@@ -1,0 +1,37 @@
+"""Shapes and measurements shared by the benchmark scripts in tools/ (imported by them, not run)."""
+
+from __future__ import annotations
+
+import time
+
+TEXT_SHAPES = {
+    # TinyLlama-1.1B: 22 layers, 2048 wide, 32 heads / 4 KV heads, ff 5632
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4),
+    # Llama-2-7B / Vicuna-7B (LLaVA-1.5-7B's text model)
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
+}
+# LLaVA-1.5's vision tower, openai/clip-vit-large-patch14-336
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14)
+
+
+def best_of_prefills(m, ids: list, images: list, reduce, reps: int):
+    """Prefills the prompt `reps` times (each from an empty sequence) and returns the fastest run's figures
+    (time to first token, encode, prefill, token and KV counts, FLOPs, stages) with the last run's logits,
+    from which decoding can continue."""
+    best: dict = {}
+    logits = None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        logits = m.forward(ids, images, reduce=reduce)
+        ttft = (time.perf_counter() - t0) * 1000.0
+        st = m.last_stats
+        if not best or ttft < best["ttft_ms"]:
+            best = dict(ttft_ms=ttft, encode_ms=st["t_encode_ms"], prefill_ms=st["t_prefill_ms"],
+                        n_prompt_tokens=st["n_prompt_tokens"], n_image_tokens=st["n_image_tokens"],
+                        n_image_tokens_kept=st["n_image_tokens_kept"], kv_cache_bytes=st["kv_cache_bytes"],
+                        prefill_flops=st["prefill_flops"], prefill_flops_full=st["prefill_flops_full"],
+                        stages=st["stages"])
+    return best, logits
