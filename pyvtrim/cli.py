@@ -1,44 +1,63 @@
 """The `pyvtrim` command: chat with a model, run the demo, convert checkpoints, show a model's info.
 
     pyvtrim chat llava.gguf --image cat.jpg --prompt "What is on the table?"
-    pyvtrim chat llava.gguf --image cat.jpg          # interactive, multi-turn; empty line or EOF quits
+    pyvtrim chat llava.gguf --image cat.jpg          # interactive, multi-turn; empty line, EOF or
+                                                     # Ctrl-C at the prompt quits, Ctrl-C in an answer stops it
     pyvtrim demo                                     # a tiny random-weight model, end to end
     pyvtrim convert ...                              # HF -> GGUF (see `pyvtrim convert --help`)
     pyvtrim info llava.gguf
 
 Answers go to stdout; prompts, timings and errors go to stderr, so `> answers.txt` keeps only answers.
+A reader that goes away (`| head`) ends the command quietly with status 141, as SIGPIPE would.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Optional, TextIO
+from typing import Any, Dict, Iterable, Iterator, List, Optional, TextIO
 
 import numpy as np
 
 DEMO_QUESTION = "What is in the picture?"
 
 
+def _int_at_least(lo: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+    return parse
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--n-ctx", type=int, default=4096, help="tokens in the KV cache, image tokens included")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--n-ctx", type=_int_at_least(0), default=4096,
+                   help="tokens in the KV cache, image tokens included (0: the model's trained context)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="where the weights and the compute go (auto: a GPU when the build has one)")
     p.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="element type of the KV cache")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvtrim", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"pyvtrim {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     chat = sub.add_parser("chat", help="ask questions about an image")
     chat.add_argument("model", help="GGUF file (text + vision, or the text part with --mmproj)")
-    chat.add_argument("--image", required=True, help="image file (JPEG, PNG, BMP, GIF, TGA, PNM)")
+    chat.add_argument("--image", required=True,
+                      help="image file (JPEG, PNG, BMP, GIF, TGA, PNM; WebP, TIFF and the rest through Pillow)")
     chat.add_argument("--prompt", help="answer this one question and exit (default: interactive)")
     chat.add_argument("--mmproj", help="llama.cpp's separate vision GGUF")
-    chat.add_argument("--max-tokens", type=int, default=256)
+    chat.add_argument("--max-tokens", type=_int_at_least(0), default=256, help="at most this many tokens an answer")
     chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     chat.add_argument("--top-k", type=int, default=40)
     chat.add_argument("--top-p", type=float, default=0.95)
@@ -50,12 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(chat)
 
     demo = sub.add_parser("demo", help="run a tiny random-weight LLaVA model end to end")
-    demo.add_argument("--max-tokens", type=int, default=32)
-    demo.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    demo.add_argument("--max-tokens", type=_int_at_least(0), default=32)
+    demo.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads (default: all cores)")
 
     sub.add_parser("convert", help="convert a Hugging Face checkpoint to GGUF", add_help=False)
 
-    info = sub.add_parser("info", help="print what a GGUF model is")
+    info = sub.add_parser("info", help="print what a GGUF model is (shapes, vocabulary, weight types)")
     info.add_argument("model")
     info.add_argument("--mmproj")
     return parser
@@ -83,20 +102,36 @@ def format_stats(stats: Dict[str, Any], t_first_ms: Optional[float] = None) -> s
         f"decode {stats['n_decoded']} tok in {stats['t_decode_ms']:.0f} ms "
         f"({_rate(stats['n_decoded'], stats['t_decode_ms'])})",
         f"KV {stats['kv_cache_bytes'] / 2**20:.2f} MiB",
+        f"stopped: {stats.get('finish_reason') or 'interrupted'}",
     ]
     return "[" + ", ".join(parts) + "]"
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pyvtrim")
+    except Exception:  # a source checkout without installed metadata
+        return "unknown"
+
+
 def _print_stream(pieces: Iterable[str], out: TextIO, t_start: float) -> Optional[float]:
-    """Writes pieces as they come; returns ms from t_start to the first piece (None if none came)."""
+    """Writes pieces as they come; returns ms from t_start to the first piece (None if none came).
+    Ctrl-C stops the stream (it is closed, so its reply ends where it was) and propagates."""
     t_first: Optional[float] = None
-    for piece in pieces:
-        if t_first is None:
-            t_first = 1000.0 * (time.perf_counter() - t_start)
-        out.write(piece)
+    try:
+        for piece in pieces:
+            if t_first is None:
+                t_first = 1000.0 * (time.perf_counter() - t_start)
+            out.write(piece)
+            out.flush()
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+        out.write("\n")
         out.flush()
-    out.write("\n")
-    out.flush()
     return t_first
 
 
@@ -132,23 +167,44 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
 
         with m.start_chat(**sampling) as chat:
-            image: Optional[str] = args.image  # the first turn carries the image
-            while True:
-                sys.stderr.write("> ")
-                sys.stderr.flush()
-                line = sys.stdin.readline()
-                question = line.strip()
-                if not question:
-                    return 0
-                t0 = time.perf_counter()
-                try:
-                    pieces = chat.ask(question, image, stream=True)
-                except ValueError as e:  # e.g. the conversation no longer fits in n_ctx: say so, go on
-                    print(f"pyvtrim chat: {e}", file=sys.stderr)
-                    continue
-                t_first = _print_stream(pieces, sys.stdout, t0)
-                image = None
-                print(format_stats(m.last_stats, t_first), file=sys.stderr)
+            return _interactive(m, chat, args.image)
+
+
+def _interactive(m: Any, chat: Any, image: Optional[str]) -> int:
+    """Questions from stdin, one per line, in one conversation; the first turn carries the image.
+    When the context is full the oldest turns are dropped (Chat does it) and a notice says so."""
+    while True:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt ends the session
+            sys.stderr.write("\n")
+            return 130
+        question = line.strip()
+        if not question:
+            return 0
+        t0 = time.perf_counter()
+        dropped_before = chat.turns_dropped
+        try:
+            pieces: Iterator[str] = chat.ask(question, image, stream=True)
+        except ValueError as e:  # e.g. this turn alone does not fit in n_ctx: say so, go on
+            print(f"pyvtrim chat: {e}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:
+            print("[interrupted]", file=sys.stderr)
+            continue
+        image = None
+        if chat.turns_dropped > dropped_before:
+            n = chat.turns_dropped - dropped_before
+            print(f"[the context is full: the oldest {n} turn{'s' if n > 1 else ''} of the conversation "
+                  f"{'were' if n > 1 else 'was'} dropped{' (with the image)' if dropped_before == 0 else ''}]",
+                  file=sys.stderr)
+        try:
+            t_first = _print_stream(pieces, sys.stdout, t0)
+        except KeyboardInterrupt:  # Ctrl-C in an answer stops that answer only
+            t_first = None
+        print(format_stats(m.last_stats, t_first), file=sys.stderr)
 
 
 def demo_image(size: int = 336) -> np.ndarray:
@@ -198,16 +254,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def weight_types(path: str) -> str:
+    """The tensor types of a GGUF file with their counts, most parameters first: "F16 x 201, F32 x 45"."""
+    from gguf import GGUFReader
+
+    count: Dict[str, int] = {}
+    params: Dict[str, int] = {}
+    for t in GGUFReader(path, "r").tensors:
+        name = t.tensor_type.name
+        count[name] = count.get(name, 0) + 1
+        params[name] = params.get(name, 0) + int(t.n_elements)
+    return ", ".join(f"{name} x {count[name]}" for name in sorted(count, key=lambda n: -params[n]))
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from . import _ffi
     from .model import Model
 
     with Model(args.model, mmproj=args.mmproj, n_ctx=256) as m:
         info = m.info
-    width = max(map(len, info))
-    for key, value in info.items():
+    rows = list(info.items())
+    rows.append(("weight_types", weight_types(args.model)))
+    if args.mmproj:
+        rows.append(("mmproj_weight_types", weight_types(args.mmproj)))
+    rows.append(("runtime", f"libvtrim {_ffi.version()} ({', '.join(_ffi.backends())})"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    print(f"{'runtime':<{width}}  libvtrim {_ffi.version()} ({', '.join(_ffi.backends())})")
     return 0
 
 
@@ -232,11 +305,23 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return {"chat": cmd_chat, "demo": cmd_demo, "info": cmd_info}[args.command](args)
+    except BrokenPipeError:
+        return _reader_gone()
     except (VtrimError, OSError) as e:
         print(f"pyvtrim {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _reader_gone() -> int:
+    """stdout's reader closed the pipe: no traceback, and no second error when Python flushes at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Turning Python images into native vtrim_image handles.
 
 An image is one of:
-  * a path (str or os.PathLike): decoded by libvtrim (JPEG, PNG, BMP, GIF, TGA, PNM)
-  * bytes / bytearray / memoryview: an encoded file in memory, decoded by libvtrim
+  * a path (str or os.PathLike): decoded by libvtrim (JPEG, PNG, BMP, GIF, TGA, PNM);
+    a file libvtrim cannot decode (WebP, TIFF, ...) is decoded by Pillow when Pillow can
+  * bytes / bytearray / memoryview: an encoded file in memory, decoded the same way
   * a PIL.Image.Image: converted to RGB here, its pixels copied
   * a numpy uint8 array of shape (H, W, 3): RGB pixels, copied
 Native handles are always freed, also when a later image of the same call fails to load.
@@ -11,8 +12,9 @@ Native handles are always freed, also when a later image of the same call fails 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
-from typing import TYPE_CHECKING, Any, Iterator, List, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -68,24 +70,63 @@ def pixels_of(image: Any) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+# Pillow's names of the formats libvtrim decodes itself: a file of these that libvtrim rejects (damaged,
+# oversized) stays rejected rather than being handed to a more lenient decoder.
+NATIVE_FORMATS = frozenset({"JPEG", "PNG", "BMP", "GIF", "TGA", "PPM"})
+
+
+def pillow_pixels(source: Any) -> Optional[np.ndarray]:
+    """The RGB pixels of an encoded image (a path or a binary file object) in a format libvtrim does not
+    decode (WebP, TIFF, ...), as Pillow decodes it (the first frame of an animation); None when Pillow
+    cannot read it or when it is one of libvtrim's own formats."""
+    try:
+        from PIL import Image
+    except ImportError:  # Pillow is a dependency, but the C decoder alone still serves its formats
+        return None
+    try:
+        with Image.open(source) as im:
+            if im.format in NATIVE_FORMATS:
+                return None
+            im.load()
+            return pixels_of(im)
+    except (OSError, ValueError, SyntaxError, EOFError):  # what Pillow raises for files it cannot decode
+        return None
+
+
+def _from_pixels(ffi: Any, lib: Any, pixels: np.ndarray, out: Any) -> None:
+    h, w = int(pixels.shape[0]), int(pixels.shape[1])
+    check(lib.vtrim_image_from_pixels(ffi.from_buffer("uint8_t[]", pixels), w, h, out))
+
+
 def load(image: ImageLike) -> Any:
     """A new native `struct vtrim_image *` the caller must free with vtrim_image_free."""
     ffi, lib = _ffi.get()[:2]
     out = ffi.new("struct vtrim_image **")
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.exists(path):
-            raise file_not_found(path)
-        check(lib.vtrim_image_from_file(os.fsencode(path), out), path)
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-        if not data:
-            raise VtrimImageError("empty image data")
-        check(lib.vtrim_image_from_memory(ffi.from_buffer("uint8_t[]", data), len(data), out))
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+        # libvtrim first (the formats it lists, decoded the same way in C and Python); what it cannot
+        # decode goes to Pillow, and only when Pillow cannot either is libvtrim's error raised.
+        if isinstance(image, (str, os.PathLike)):
+            path = os.fspath(image)
+            if not os.path.exists(path):
+                raise file_not_found(path)
+            source: Any = path
+            rc = lib.vtrim_image_from_file(os.fsencode(path), out)
+        else:
+            data = bytes(image)
+            if not data:
+                raise VtrimImageError("empty image data")
+            source, path = io.BytesIO(data), None
+            rc = lib.vtrim_image_from_memory(ffi.from_buffer("uint8_t[]", data), len(data), out)
+        if rc < 0:
+            try:
+                check(rc, path)
+            except VtrimImageError:
+                pixels = pillow_pixels(source)
+                if pixels is None:
+                    raise
+                _from_pixels(ffi, lib, pixels, out)
     else:
-        pixels = pixels_of(image)
-        h, w = int(pixels.shape[0]), int(pixels.shape[1])
-        check(lib.vtrim_image_from_pixels(ffi.from_buffer("uint8_t[]", pixels), w, h, out))
+        _from_pixels(ffi, lib, pixels_of(image), out)
     return out[0]
 
 

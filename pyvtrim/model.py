@@ -6,15 +6,20 @@
             print(piece, end="", flush=True)
 
 A Model holds native memory (weights, KV cache); close() or a `with` block frees it, and any use after
-that raises VtrimClosedError. A Model is not thread-safe: it owns one context (one KV cache, one
-sequence), so use one Model per thread. forward(), generate() and chat() each start a fresh sequence;
+that raises VtrimClosedError. A Model owns one context (one KV cache, one sequence). Calls from several
+threads are serialised by a lock (a second caller waits), never run at once; a stream being read in one
+thread while another thread starts a new sequence raises VtrimStateError at its next piece, and close()
+from another thread stops a generation at its next token (it raises VtrimClosedError there). For
+parallel work use one Model per thread. forward(), generate() and chat() each start a fresh sequence;
 a Chat keeps its sequence across turns and prefills only each new turn.
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
 import os
+import threading
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -39,6 +44,28 @@ Tokens = Union[Sequence[int], np.ndarray]
 
 DEVICES = {"auto": 0, "cpu": 1, "gpu": 2}   # enum vtrim_device
 KV_TYPES = {"f16": 0, "f32": 1}             # enum vtrim_kv_type
+
+# Why a generation ended (Model.last_stats["finish_reason"]); None while it runs or when its stream was
+# closed or interrupted before the end.
+FINISH_EOS = "eos"                    # the model sampled an end-of-generation token
+FINISH_LENGTH = "length"              # max_tokens were generated
+FINISH_CONTEXT_FULL = "context_full"  # the KV cache (n_ctx) is full
+
+
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs a Model method under the Model's lock: one native call sequence at a time, never with close()."""
+    @functools.wraps(method)
+    def wrapper(self: "Model", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _max_tokens(value: Any) -> int:
+    n = int(value)
+    if n < 0:
+        raise VtrimValueError(f"max_tokens must be >= 0, got {value}")
+    return n
 
 
 def _struct_to_dict(ffi: Any, ptr: Any) -> Dict[str, Any]:
@@ -126,18 +153,19 @@ class _Pending:
     """Tokens sampled but not yet in the KV cache (the last reply token, or the EOG that ended it).
     A Chat prefills them at the start of its next turn."""
 
-    __slots__ = ("tokens", "decoded")
+    __slots__ = ("tokens", "decoded", "broken")
 
     def __init__(self) -> None:
         self.tokens: List[int] = []
         self.decoded: List[int] = []
+        self.broken = False  # an exception inside the generation: the KV cache may hold more than `decoded`
 
 
 class Model:
     """A vision-language model loaded from GGUF, with one context (KV cache) for running it.
 
     path: one GGUF with text and vision towers, or llama.cpp's text GGUF with `mmproj` its vision GGUF.
-    n_ctx: tokens the KV cache holds (image tokens count; <= 0: the model's trained context).
+    n_ctx: tokens the KV cache holds (image tokens count; 0: the model's trained context).
     n_threads: CPU threads (None: os.cpu_count()). device: "auto" | "cpu" | "gpu".
     kv_type: "f16" | "f32" (the KV cache's element type).
     vocab_only: load only the tokenizer (no context; tokenize/detokenize only).
@@ -167,10 +195,17 @@ class Model:
             raise VtrimValueError(f"device must be one of {sorted(DEVICES)}, got {device!r}")
         if kv_type not in KV_TYPES:
             raise VtrimValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
+        if int(n_ctx) < 0:
+            raise VtrimValueError(f"n_ctx must be >= 0 (0: the model's trained context), got {n_ctx}")
+        if n_threads is not None and int(n_threads) < 1:
+            raise VtrimValueError(f"n_threads must be >= 1 (None: all cores), got {n_threads}")
         self.n_threads = int(n_threads) if n_threads is not None else (os.cpu_count() or 1)
         self.n_ctx = int(n_ctx)
         self.vocab_only = bool(vocab_only)
         self._seq_id = 0  # bumped by every reset: streams and chats notice that their sequence is gone
+        self._lock = threading.RLock()
+        self._closing = False
+        self._finish_reason: Optional[str] = None
 
         self._ffi, self._lib = _ffi.get()[:2]
         ffi, lib = self._ffi, self._lib
@@ -195,6 +230,8 @@ class Model:
             info = ffi.new("struct vtrim_model_info *")
             check(lib.vtrim_model_get_info(self._handles.model, info))
             self._info = _struct_to_dict(ffi, info)
+            if self.n_ctx == 0:
+                self.n_ctx = int(self._info.get("n_ctx_train", 0))
 
             if not self.vocab_only:
                 cp = ffi.new("struct vtrim_context_params *")
@@ -212,8 +249,11 @@ class Model:
     # ---- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Frees the context and the weights. Safe to call twice."""
-        self._finalizer()
+        """Frees the context and the weights. Safe to call twice, and from another thread: a generation
+        running there stops at its next token (raising VtrimClosedError) and close() waits for that."""
+        self._closing = True
+        with self._lock:
+            self._finalizer()
 
     @property
     def closed(self) -> bool:
@@ -230,7 +270,7 @@ class Model:
         return f"<pyvtrim.Model {self.path!r} {state}>"
 
     def _model(self) -> Any:
-        if self._handles.model is None:
+        if self._handles.model is None or self._closing:
             raise VtrimClosedError("the Model is closed")
         return self._handles.model
 
@@ -257,10 +297,13 @@ class Model:
         return int(self.info["image_token_id"])
 
     @property
+    @_locked
     def last_stats(self) -> Dict[str, Any]:
         """What the last prefill and the decodes since did: n_past, n_prompt_tokens, n_images,
         n_image_tokens, n_image_tokens_kept, kv_cache_bytes, t_encode_ms, t_prefill_ms, t_decode_ms,
-        n_decoded, prefill_flops(_full), and "stages": one dict per reduction stage that ran."""
+        n_decoded, prefill_flops(_full), "stages": one dict per reduction stage that ran, and
+        "finish_reason": why the last generation ended ("eos", "length", "context_full"; None while it
+        runs or when its stream was closed early)."""
         ctx, ffi, lib = self._ctx(), self._ffi, self._lib
         stats = ffi.new("struct vtrim_stats *")
         check(lib.vtrim_get_stats(ctx, stats))
@@ -270,9 +313,11 @@ class Model:
         for i in range(int(out.get("n_stages", 0))):
             check(lib.vtrim_get_reduce_stage(ctx, i, stage))
             out["stages"].append(stage_dict(stage))
+        out["finish_reason"] = self._finish_reason
         return out
 
     @property
+    @_locked
     def graph_ops(self) -> List[str]:
         """The ggml ops of every graph this Model's context has run, by ggml's enum names (e.g.
         "GGML_OP_MUL_MAT", "GGML_UNARY_OP_SILU"), sorted: what a backend must support to run them."""
@@ -289,6 +334,7 @@ class Model:
         text = ffi.string(buf[0]).decode("ascii")
         return text.split(",") if text else []
 
+    @_locked
     def last_kept_image_rows(self) -> List[int]:
         """The image rows the decoder's last layers hold after the last prefill, ascending, as indices
         into that prefill's expanded prompt (each image placeholder counted as n_image_tokens rows)."""
@@ -305,6 +351,7 @@ class Model:
 
     # ---- text ----------------------------------------------------------------------------------
 
+    @_locked
     def tokenize(self, text: str, add_special: bool = True) -> List[int]:
         """Token ids of text; add_special adds BOS. Special tokens written in the text ("<image>") count."""
         model, ffi = self._model(), self._ffi
@@ -324,6 +371,7 @@ class Model:
         """The text of token ids (BOS/EOS dropped); invalid UTF-8 becomes U+FFFD."""
         return self.detokenize_bytes(ids, remove_leading_space=remove_leading_space).decode("utf-8", "replace")
 
+    @_locked
     def detokenize_bytes(self, ids: Tokens, *, remove_leading_space: bool = False) -> bytes:
         """The raw UTF-8 bytes of token ids (a byte token may hold part of a character)."""
         model, ffi = self._model(), self._ffi
@@ -342,10 +390,12 @@ class Model:
         n = _sized_call(attempt, 8 * int(arr.size) + 16)
         return ffi.unpack(buf[0], n)
 
+    @_locked
     def is_eog(self, token: int) -> bool:
         """Whether token ends a generation (EOS, EOT, ...)."""
         return bool(self._lib.vtrim_token_is_eog(self._model(), int(token)))
 
+    @_locked
     def chat_prompt(self, question: str, n_images: int = 1) -> str:
         """One user turn in the model's conversation format with n_images image placeholders and the
         assistant's prefix, e.g. "USER: <image>\\nWhat is this? ASSISTANT:" for LLaVA-1.5."""
@@ -364,6 +414,7 @@ class Model:
 
     # ---- images --------------------------------------------------------------------------------
 
+    @_locked
     def preprocess(self, image: ImageLike) -> np.ndarray:
         """The pixel values the vision tower sees: float32 [n_tiles, 3, S, S] (S = info["image_size"])."""
         model, ffi = self._model(), self._ffi
@@ -383,6 +434,7 @@ class Model:
             n = _sized_call(attempt, tile)
         return out[0][:n].reshape(n // tile, 3, side, side)
 
+    @_locked
     def preprocess_info(self, image: ImageLike) -> Dict[str, Any]:
         """How the image is tiled: n_tiles, aspect_ratio_id (1-based, Llama-3.2-Vision; 0 for one-tile models)
         and aspect_ratio_mask (1 for each real tile of preprocess()'s output, 0 for padding tiles)."""
@@ -399,10 +451,12 @@ class Model:
 
     # ---- low level: the sequence step by step ----------------------------------------------------
 
+    @_locked
     def reset(self) -> None:
         """Forgets the sequence (empties the KV cache)."""
         self._reset()
 
+    @_locked
     def prefill(self, tokens: Tokens, images: Images = (), *, reduce: Any = None) -> np.ndarray:
         """Appends tokens (and images, one per image_token_id) to the current sequence; returns the last
         position's logits. forward() is reset() + prefill()."""
@@ -411,11 +465,13 @@ class Model:
         self._prefill(tokens, images)
         return self._logits()
 
+    @_locked
     def decode(self, token: int) -> np.ndarray:
         """Appends one token to the sequence and returns its logits."""
         check(self._lib.vtrim_decode(self._ctx(), int(token)))
         return self._logits()
 
+    @_locked
     def logits(self) -> np.ndarray:
         """The float32 logits of the sequence's last position."""
         return self._logits()
@@ -472,24 +528,42 @@ class Model:
         return self._sample_loop(sampler, max_tokens, pending, self._seq_id)
 
     def _sample_loop(self, sampler: _Sampler, max_tokens: int, pending: _Pending, seq_id: int) -> Iterator[int]:
-        ctx, model, lib = self._ctx(), self._model(), self._lib
+        # The lock is held for each step, not across a yield: the reader of a stream may be another thread,
+        # and close() must be able to come in between two tokens.
+        lib = self._lib
         pending.tokens = []
-        for i in range(max_tokens):
-            self._check_seq(seq_id)
-            token = sampler.sample(ctx)
-            pending.tokens = [token]
-            if lib.vtrim_token_is_eog(model, token):
-                return
-            yield token
-            if i + 1 == max_tokens:
-                return
-            self._check_seq(seq_id)
-            try:
-                check(lib.vtrim_decode(ctx, token))
-            except VtrimContextFullError:
-                return
-            pending.tokens = []
-            pending.decoded.append(token)
+        self._finish_reason = None
+        if max_tokens == 0:
+            self._finish_reason = FINISH_LENGTH
+            return
+        try:
+            for i in range(max_tokens):
+                with self._lock:
+                    self._check_seq(seq_id)
+                    token = sampler.sample(self._ctx())
+                    pending.tokens = [token]
+                    if lib.vtrim_token_is_eog(self._model(), token):
+                        self._finish_reason = FINISH_EOS
+                        return
+                    if i + 1 == max_tokens:
+                        self._finish_reason = FINISH_LENGTH
+                yield token
+                if i + 1 == max_tokens:
+                    return
+                with self._lock:
+                    self._check_seq(seq_id)
+                    try:
+                        check(lib.vtrim_decode(self._ctx(), token))
+                    except VtrimContextFullError:
+                        self._finish_reason = FINISH_CONTEXT_FULL
+                        return
+                    pending.tokens = []
+                    pending.decoded.append(token)
+        except GeneratorExit:  # closed at a yield: the sequence is as recorded
+            raise
+        except BaseException:  # e.g. KeyboardInterrupt between a decode and its record
+            pending.broken = True
+            raise
 
     def _text_pieces(self, tokens: Iterator[int], on_done: Optional[Callable[[str], None]] = None
                      ) -> Iterator[str]:
@@ -516,6 +590,7 @@ class Model:
             if on_done is not None:
                 on_done("".join(text))
 
+    @_locked
     def forward(self, tokens: Tokens, images: Images = (), *, reduce: Any = None) -> np.ndarray:
         """Runs a fresh sequence over tokens (each image_token_id takes the next image) and returns the
         float32 logits of the last position, shape [n_vocab]."""
@@ -525,6 +600,7 @@ class Model:
         self._prefill(tokens, images)
         return self._logits()
 
+    @_locked
     def generate(
         self,
         tokens: Tokens,
@@ -540,15 +616,17 @@ class Model:
         """A fresh sequence: prefill tokens (and images), then sample until an end-of-generation token
         (not included) or max_tokens. temperature 0 is greedy."""
         self._ctx()
+        n = _max_tokens(max_tokens)
         sampler = _Sampler(temperature, top_k, top_p, seed)
         try:
             self._apply_reduce(reduce)
             self._reset()
             self._prefill(tokens, images)
-            return list(self._sample_tokens(sampler, int(max_tokens), _Pending()))
+            return list(self._sample_tokens(sampler, n, _Pending()))
         finally:
             sampler.close()
 
+    @_locked
     def chat(
         self,
         image: Optional[ImageLike],
@@ -566,19 +644,32 @@ class Model:
         stream=True returns an iterator of text pieces; the image is encoded and the prompt prefilled
         before this returns, so input errors raise here, not in the iterator."""
         self._ctx()
+        n = _max_tokens(max_tokens)
         sampler = _Sampler(temperature, top_k, top_p, seed)
         images = as_image_list(image)
         self._apply_reduce(reduce)
         tokens = self.tokenize(self.chat_prompt(question, len(images)), add_special=True)
         self._reset()
         self._prefill(tokens, images)
-        pieces = self._text_pieces(self._sample_tokens(sampler, int(max_tokens), _Pending()),
+        pieces = self._text_pieces(self._sample_tokens(sampler, n, _Pending()),
                                    on_done=lambda _: sampler.close())
         return pieces if stream else "".join(pieces)
 
     def start_chat(self, **sampling: Any) -> "Chat":
         """A multi-turn conversation on this Model; see Chat."""
         return Chat(self, **sampling)
+
+
+class _Turn:
+    """One user turn of a Chat and its reply, enough to rebuild the conversation without older turns."""
+
+    __slots__ = ("text", "images", "reply", "sep")
+
+    def __init__(self, text: str, images: List[ImageLike]) -> None:
+        self.text = text                # the formatted user turn (vtrim_chat_format)
+        self.images = images
+        self.reply: List[int] = []      # the reply tokens in the KV cache
+        self.sep: List[int] = []        # what closes the reply before the next turn (its EOG, or EOS)
 
 
 class Chat:
@@ -590,16 +681,24 @@ class Chat:
     conversation format separates turns ("... ASSISTANT: answer</s>USER: ..." for LLaVA-1.5).
     If something else used the Model in between (forward, generate, chat), the next turn rebuilds the
     whole conversation in one prefill.
+
+    When a new turn does not fit in the free part of n_ctx, the oldest turns (with their images) are
+    dropped from the context until it fits, and the conversation is prefilled again from the first
+    turn kept; `turns_dropped` counts them (`history` keeps every turn). A turn that does not fit even
+    alone raises VtrimContextFullError and the Chat stays usable. A reply cut by the full context has
+    last_stats["finish_reason"] == "context_full".
     """
 
     def __init__(self, model: Model, *, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 40,
                  top_p: float = 0.95, seed: int = 0, reduce: Any = None) -> None:
         self.model = model
-        self.max_tokens = int(max_tokens)
+        self.max_tokens = _max_tokens(max_tokens)
         self.history: List[Tuple[str, str]] = []
+        self.turns_dropped = 0
         self._reduce = reduce
         self._sampler = _Sampler(temperature, top_k, top_p, seed)
         model._apply_reduce(reduce)
+        self._turns: List[_Turn] = []     # the turns in the KV cache
         self._tokens: List[int] = []      # the conversation's tokens in the KV cache
         self._images: List[ImageLike] = []
         self._pending = _Pending()
@@ -611,42 +710,78 @@ class Chat:
             max_tokens: Optional[int] = None) -> Union[str, Iterator[str]]:
         """The model's answer to the next user turn (with an optional image); stream as in Model.chat."""
         m = self.model
-        self._finish_stream()
-        images = as_image_list(image)
-        turn = m.chat_prompt(question, len(images))
-        if self._seq_id is None:
-            new = m.tokenize(turn, add_special=True)
-        else:
-            sep = self._pending.tokens
-            if not (sep and m.is_eog(sep[-1])):
-                sep = sep + [int(m.info["eos_token_id"])]
-            new = sep + m.tokenize(turn, add_special=False)
+        n = self.max_tokens if max_tokens is None else _max_tokens(max_tokens)
+        with m._lock:
+            self._finish_stream()
+            images = as_image_list(image)
+            turn = _Turn(m.chat_prompt(question, len(images)), images)
+            if self._turns:
+                sep = list(self._pending.tokens)
+                if not (sep and m.is_eog(sep[-1])):
+                    sep.append(int(m.info["eos_token_id"]))
+                self._turns[-1].sep = sep
+            try:
+                if self._turns and self._seq_id == m._seq_id:
+                    new = self._turns[-1].sep + m.tokenize(turn.text, add_special=False)
+                    try:
+                        m._prefill(new, images)
+                        self._tokens += new
+                        self._images += images
+                    except VtrimContextFullError:
+                        self._rebuild(turn)
+                else:
+                    self._rebuild(turn)
+                self._turns.append(turn)
+            except BaseException:  # an error or Ctrl-C: what the KV cache holds is not known for sure
+                self._seq_id = None
+                raise
+            self._seq_id = m._seq_id
 
-        if self._seq_id is None or self._seq_id != m._seq_id:
+            pending = self._pending = _Pending()
+
+            def done(answer: str) -> None:
+                turn.reply = list(pending.decoded)
+                self._tokens += pending.decoded
+                self.history.append((question, answer))
+                if pending.broken:  # the KV cache may not be what was recorded: rebuild at the next turn
+                    self._seq_id = None
+                self._done = None
+
+            self._done = done
+            pieces = m._text_pieces(m._sample_tokens(self._sampler, n, pending), on_done=done)
+            if not stream:
+                return "".join(pieces)
+            self._stream = pieces
+            return pieces
+
+    def _conversation(self, turns: List[_Turn]) -> Tuple[List[int], List[ImageLike]]:
+        m = self.model
+        tokens: List[int] = []
+        images: List[ImageLike] = []
+        for i, t in enumerate(turns):
+            tokens += m.tokenize(t.text, add_special=(i == 0)) + t.reply + (t.sep if i + 1 < len(turns) else [])
+            images += t.images
+        return tokens, images
+
+    def _rebuild(self, turn: _Turn) -> None:
+        """A fresh sequence with the kept turns and `turn`, dropping the oldest turns while it does not fit."""
+        m = self.model
+        for drop in range(len(self._turns) + 1):
+            kept = self._turns[drop:]
+            tokens, images = self._conversation(kept + [turn])
             m._apply_reduce(self._reduce)
             m._reset()
-            prefill, prefill_images = self._tokens + new, self._images + images
-        else:
-            prefill, prefill_images = new, images
-        m._prefill(prefill, prefill_images)
-        self._seq_id = m._seq_id
-        self._tokens += new
-        self._images += images
-
-        pending = self._pending = _Pending()
-        n = self.max_tokens if max_tokens is None else int(max_tokens)
-
-        def done(answer: str) -> None:
-            self._tokens += pending.decoded
-            self.history.append((question, answer))
-            self._done = None
-
-        self._done = done
-        pieces = m._text_pieces(m._sample_tokens(self._sampler, n, pending), on_done=done)
-        if not stream:
-            return "".join(pieces)
-        self._stream = pieces
-        return pieces
+            try:
+                m._prefill(tokens, images)
+            except VtrimContextFullError:
+                if drop < len(self._turns):
+                    continue
+                self._seq_id = None  # the sequence is gone; the next turn rebuilds what is kept
+                raise
+            self.turns_dropped += drop
+            self._turns = kept
+            self._tokens, self._images = tokens, images
+            return
 
     def _finish_stream(self) -> None:
         """Ends the previous turn's stream if it was not read to the end (its reply stays as far as read)."""

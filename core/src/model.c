@@ -245,7 +245,11 @@ int32_t vtrim_model_load(const char * path, const char * mmproj, const struct vt
         }
     }
     if (rc < 0) {
-        vtrim_fail_prefix(rc, "loading '%s': ", path);
+        if (mmproj && mmproj[0]) {
+            vtrim_fail_prefix(rc, "loading '%s' with mmproj '%s': ", path, mmproj);
+        } else {
+            vtrim_fail_prefix(rc, "loading '%s': ", path);
+        }
         vtrim_model_free(m);
         return rc;
     }

@@ -85,6 +85,15 @@ int32_t vtrim_arch_read_hparams(struct vtrim_model * m, const struct gguf_contex
     const struct gguf_context * vis = NULL;
     bool legacy = false;
     if (mmproj) {
+        bool text_has_vision = false;
+        if ((rc = vtrim_gguf_bool(text, "clip.has_vision_encoder", &text_has_vision, false)) < 0) {
+            return rc;
+        }
+        if (text_has_vision) {
+            return vtrim_fail(VTRIM_ERR_INVALID_ARG, "the model file already holds its vision tower and projector; "
+                              "an mmproj file goes only with a text-only GGUF (llama.cpp's two-file layout): "
+                              "load the model without the mmproj");
+        }
         char varch[64] = "";
         if ((rc = vtrim_gguf_str(mmproj, "general.architecture", varch, sizeof varch, true)) < 0) {
             return rc;

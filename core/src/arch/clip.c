@@ -137,8 +137,18 @@ int32_t vtrim_clip_bind_tensors(struct vtrim_model * m) {
         (rc = vtrim_model_tensor(m, "v.pre_ln.weight", d, 1, 1, &m->pre_ln_w)) < 0 ||
         (rc = vtrim_model_tensor(m, "v.pre_ln.bias", d, 1, 1, &m->pre_ln_b)) < 0 ||
         (rc = vtrim_model_tensor(m, "mm.0.weight", d, -1, 1, &m->mm0_w)) < 0 ||
-        (rc = vtrim_model_tensor(m, "mm.0.bias", m->mm0_w->ne[1], 1, 1, &m->mm0_b)) < 0 ||
-        (rc = vtrim_model_tensor(m, "mm.2.weight", m->mm0_w->ne[1], n_embd_text, 1, &m->mm2_w)) < 0 ||
+        (rc = vtrim_model_tensor(m, "mm.0.bias", m->mm0_w->ne[1], 1, 1, &m->mm0_b)) < 0) {
+        return rc;
+    }
+    // A projector whose output width is not the text model's is the usual symptom of an mmproj from another
+    // model: say that, rather than which tensor's shape is off.
+    const struct ggml_tensor * mm2 = ggml_get_tensor(m->ctx_w, "mm.2.weight");
+    if (mm2 && mm2->ne[1] != n_embd_text) {
+        return vtrim_fail(VTRIM_ERR_FORMAT, "the vision projector outputs %lld-wide embeddings but the text model "
+                          "is %lld wide: the vision tower (mmproj) and the text model are not from the same model",
+                          (long long) mm2->ne[1], (long long) n_embd_text);
+    }
+    if ((rc = vtrim_model_tensor(m, "mm.2.weight", m->mm0_w->ne[1], n_embd_text, 1, &m->mm2_w)) < 0 ||
         (rc = vtrim_model_tensor(m, "mm.2.bias", n_embd_text, 1, 1, &m->mm2_b)) < 0) {
         return rc;
     }

@@ -1,0 +1,133 @@
+"""The `pyvtrim` command as a user meets it: --version, info with weight types, a closed pipe, bad values,
+Ctrl-C in an answer, and an interactive chat that outgrows --n-ctx."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pyvtrim
+from pyvtrim import _ffi
+
+try:
+    _ffi.get()
+except pyvtrim.VtrimLibraryError as e:  # the C library is not built: nothing here can run
+    pytest.skip(f"libvtrim not available: {e}", allow_module_level=True)
+
+IMAGE = np.random.default_rng(13).integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+QUESTION = "What is in the picture?"
+
+
+def _cli() -> list:
+    script = Path(sys.executable).with_name("pyvtrim")
+    found = str(script) if script.is_file() else shutil.which("pyvtrim")
+    return [found] if found else [sys.executable, "-m", "pyvtrim"]
+
+
+def _env() -> dict:
+    package_parent = str(Path(pyvtrim.__file__).resolve().parents[1])  # the package this process tests
+    return dict(os.environ, PYTHONIOENCODING="utf-8",
+                PYTHONPATH=os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
+
+
+def _run(args: list, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(_cli() + args, input=stdin, capture_output=True, encoding="utf-8", errors="replace",
+                          timeout=timeout, env=_env())
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    p = tmp_path_factory.mktemp("cli") / "img.png"
+    Image.fromarray(IMAGE).save(p)
+    return p
+
+
+def test_version() -> None:
+    r = _run(["--version"])
+    assert r.returncode == 0 and r.stdout.startswith("pyvtrim ") and r.stdout.split()[1][0].isdigit()
+
+
+def test_info_shows_weight_types(llava_tiny) -> None:
+    r = _run(["info", str(llava_tiny.gguf_q8)])
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("weight_types"))
+    assert "Q8_0 x" in line and "F32 x" in line
+    text = llava_tiny.gguf_path("f16", "llama.cpp")
+    r = _run(["info", str(text), "--mmproj", str(text.with_name("mmproj-" + text.name))])
+    assert r.returncode == 0, r.stderr
+    assert "F16 x" in r.stdout and "mmproj_weight_types" in r.stdout
+
+
+@pytest.mark.parametrize("cmd", ["info", "chat"])
+def test_a_closed_pipe_ends_quietly(llava_tiny, image_path: Path, cmd: str) -> None:
+    """`pyvtrim info m.gguf | head -2` used to end with '[Errno 32] Broken pipe' and status 1."""
+    args = ["info", str(llava_tiny.gguf)] if cmd == "info" else \
+        ["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", QUESTION, "--max-tokens", "200",
+         "--threads", "2", "--n-ctx", "1024"]
+    p = subprocess.Popen(_cli() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    p.stdout.read(1 if cmd == "chat" else 10)
+    p.stdout.close()  # the reader goes away, as `head` does
+    err = p.stderr.read().decode("utf-8", "replace")
+    p.wait(timeout=120)
+    assert "Broken pipe" not in err and "Traceback" not in err, err
+    assert p.returncode in (0, 141), (p.returncode, err)  # 0: it had written everything before the close
+
+
+@pytest.mark.parametrize("args, what", [
+    (["--max-tokens", "-5"], "--max-tokens"), (["--max-tokens", "abc"], "--max-tokens"),
+    (["--n-ctx", "-5"], "--n-ctx"), (["--threads", "0"], "--threads"),
+])
+def test_bad_values_are_refused(llava_tiny, image_path: Path, args: list, what: str) -> None:
+    r = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", "hi"] + args)
+    assert r.returncode == 2 and what in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_one_shot_reports_why_it_stopped(llava_tiny, image_path: Path) -> None:
+    r = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", QUESTION, "--max-tokens", "3",
+              "--threads", "2", "--n-ctx", "1024"])
+    assert r.returncode == 0, r.stderr
+    assert "stopped: length" in r.stderr or "stopped: eos" in r.stderr
+
+
+def test_interactive_chat_outgrows_the_context(llava_tiny, image_path: Path) -> None:
+    """Every turn after a full context used to fail with 'only 0 of n_ctx are free'; now the oldest turns go."""
+    with pyvtrim.Model(llava_tiny.gguf, n_threads=2) as m:
+        first = len(m.tokenize(m.chat_prompt(QUESTION, 1))) + m.info["n_image_tokens"] - 1
+    questions = "".join(f"Question number {i}?\n" for i in range(8))
+    r = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--max-tokens", "16", "--threads", "2",
+              "--n-ctx", str(first + 70)], stdin=f"{QUESTION}\n{questions}\n")
+    assert r.returncode == 0, r.stderr
+    assert "the context is full: the oldest" in r.stderr and "(with the image)" in r.stderr
+    assert r.stderr.count("stopped:") == 9 and "pyvtrim chat:" not in r.stderr
+
+
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(llava_tiny, image_path: Path) -> None:
+    p = subprocess.Popen(_cli() + ["chat", str(llava_tiny.gguf), "--image", str(image_path), "--max-tokens",
+                                   "100000", "--threads", "2", "--n-ctx", "100000"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    try:
+        p.stdin.write(b"Tell me a long story.\n")
+        p.stdin.flush()
+        os.set_blocking(p.stdout.fileno(), False)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not p.stdout.read(1):  # the answer has started
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT)
+        p.stdin.write(QUESTION.encode() + b"\n\n")
+        p.stdin.flush()
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    text = err.decode("utf-8", "replace")
+    assert p.returncode == 0, text
+    assert "stopped: interrupted" in text and text.count("stopped:") == 2 and "Traceback" not in text

@@ -1,0 +1,164 @@
+"""The installed C program `vtrim-cli` (the wheel's command, which runs pyvtrim/bin/vtrim-cli): it starts from
+the install, answers like the Python API (greedy decoding is deterministic), runs an interactive
+conversation, reports why an answer stopped, recovers from a full context, and rejects bad values."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pyvtrim
+from pyvtrim import _ffi
+
+try:
+    _ffi.get()
+except pyvtrim.VtrimLibraryError as e:  # the C library is not built: nothing here can run
+    pytest.skip(f"libvtrim not available: {e}", allow_module_level=True)
+
+IMAGE = np.random.default_rng(5).integers(0, 256, size=(44, 52, 3), dtype=np.uint8)
+QUESTION = "What is in the picture?"
+
+
+def _vtrim_cli() -> str:
+    """The command the wheel installed next to this Python (not a build-tree binary)."""
+    script = Path(sys.executable).with_name("vtrim-cli")
+    found = str(script) if script.is_file() else shutil.which("vtrim-cli")
+    if not found:
+        pytest.fail("vtrim-cli is not installed next to this Python (pip install . installs it)")
+    return found
+
+
+def _run(args: list, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([_vtrim_cli()] + args, input=stdin, capture_output=True, encoding="utf-8",
+                          errors="replace", timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    p = tmp_path_factory.mktemp("cli") / "img.png"
+    Image.fromarray(IMAGE).save(p)
+    return p
+
+
+def test_installed_binary_starts() -> None:
+    """The installed C program finds libvtrim (it could not: exit 127 'cannot open shared object')."""
+    r = _run(["--help"])
+    assert r.returncode == 0, r.stderr
+    assert "usage:" in r.stdout and "--n-predict" in r.stdout and "--ctx-size" in r.stdout
+    r = _run(["--version"])
+    assert r.returncode == 0 and _ffi.version() in r.stdout
+
+
+@pytest.mark.parametrize("args, what", [
+    (["-n", "-5"], "-n -5"), (["-n", "abc"], "-n abc"), (["-t", "0"], "-t 0"), (["-c", "-1"], "-c -1"),
+    (["--temp", "x"], "--temp x"), (["--top-p", "2"], "--top-p 2"), (["--bogus", "1"], "--bogus"),
+    (["-p"], "-p needs a value"),
+])
+def test_bad_values_are_refused(llava_tiny, args: list, what: str) -> None:
+    """Each used to run with a silent default (e.g. -n -5 and -n abc gave 0 tokens and exit 0)."""
+    r = _run(["-m", str(llava_tiny.gguf), "-p", "hi"] + args)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert what in r.stderr and r.stdout == ""
+
+
+def test_the_model_is_required() -> None:
+    r = _run(["-p", "hi"])
+    assert r.returncode == 2 and "-m MODEL.gguf is required" in r.stderr
+
+
+def test_one_shot_answers_as_the_python_api(llava_tiny, image_path: Path) -> None:
+    r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", QUESTION, "-n", "8", "-t", "2",
+              "-c", "1024"])
+    assert r.returncode == 0, r.stderr
+    with pyvtrim.Model(llava_tiny.gguf, n_ctx=1024, n_threads=2) as m:
+        expected = m.chat(str(image_path), QUESTION, max_tokens=8)
+        reason = m.last_stats["finish_reason"]
+    assert r.stdout == expected + "\n"
+    assert f"stopped: {reason}" in r.stderr and "prefill" in r.stderr
+
+
+def test_interactive_conversation_matches_the_python_chat(llava_tiny, image_path: Path) -> None:
+    """Two turns: the second turn follows the first reply with its closing token, as Chat does."""
+    r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-n", "6", "-t", "2", "-c", "1024"],
+             stdin="What is it?\nAnd then?\n\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("stopped:") == 2
+    with pyvtrim.Model(llava_tiny.gguf, n_ctx=1024, n_threads=2) as m:
+        chat = m.start_chat(max_tokens=6)
+        expected = chat.ask("What is it?", str(image_path)) + "\n" + chat.ask("And then?") + "\n"
+    assert r.stdout == expected
+
+
+def test_length_and_full_context(llava_tiny, image_path: Path) -> None:
+    r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", QUESTION, "-n", "3", "-t", "2"])
+    assert r.returncode == 0 and "stopped: length" in r.stderr, r.stderr
+    with pyvtrim.Model(llava_tiny.gguf, n_threads=2) as m:
+        n_prompt = len(m.tokenize(m.chat_prompt(QUESTION, 1))) + m.info["n_image_tokens"] - 1
+    n_ctx = n_prompt + 5
+    r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", QUESTION, "-n", "100", "-t", "2",
+              "-c", str(n_ctx)])
+    assert r.returncode == 0, r.stderr
+    assert "stopped: context_full" in r.stderr or "stopped: eos" in r.stderr
+
+
+def test_interactive_recovers_from_a_full_context(llava_tiny, image_path: Path) -> None:
+    """A turn that no longer fits clears the conversation (the image stays) instead of failing every later turn."""
+    with pyvtrim.Model(llava_tiny.gguf, n_threads=2) as m:
+        n_prompt = len(m.tokenize(m.chat_prompt(QUESTION, 1))) + m.info["n_image_tokens"] - 1
+    r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-n", "40", "-t", "2",
+              "-c", str(n_prompt + 45)], stdin=f"{QUESTION}\n{QUESTION}\n{QUESTION}\n\n")
+    assert r.returncode == 0, r.stderr
+    assert "the conversation was cleared; the image stays" in r.stderr
+    assert r.stderr.count("stopped:") == 3
+    assert "vtrim-cli: prompt" not in r.stderr
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(llava_tiny, image_path: Path) -> None:
+    p = subprocess.Popen([_vtrim_cli(), "-m", str(llava_tiny.gguf), "--image", str(image_path), "-n", "100000",
+                          "-t", "2", "-c", "100000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        p.stdin.write(b"Tell me a long story.\n")
+        p.stdin.flush()
+        os.set_blocking(p.stdout.fileno(), False)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not p.stdout.read(1):  # the answer has started
+            time.sleep(0.02)
+        p.send_signal(signal.SIGINT)
+        p.stdin.write(QUESTION.encode() + b"\n\n")
+        p.stdin.flush()
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    text = err.decode("utf-8", "replace")
+    assert "stopped: interrupted" in text and text.count("stopped:") == 2
+
+
+def test_on_the_demo_model(image_path: Path) -> None:
+    """The README's C path on the model `pyvtrim demo` writes: one answer, then a two-turn conversation,
+    each equal to the Python API's."""
+    from pyvtrim.demo import write_demo_model
+
+    demo = write_demo_model()
+    r = _run(["-m", str(demo), "--image", str(image_path), "-p", QUESTION, "-n", "6", "-t", "2", "-c", "2048"])
+    assert r.returncode == 0, r.stderr
+    i = _run(["-m", str(demo), "--image", str(image_path), "-n", "4", "-t", "2", "-c", "2048"],
+             stdin=f"{QUESTION}\nWhy?\n")
+    assert i.returncode == 0, i.stderr
+    with pyvtrim.Model(demo, n_ctx=2048, n_threads=2) as m:
+        assert r.stdout == m.chat(str(image_path), QUESTION, max_tokens=6) + "\n"
+        chat = m.start_chat(max_tokens=4)
+        assert i.stdout == chat.ask(QUESTION, str(image_path)) + "\n" + chat.ask("Why?") + "\n"
+    assert "576 image tokens" in r.stderr
