@@ -89,7 +89,7 @@ def pillow_pixels(source: Any) -> Optional[np.ndarray]:
                 return None
             im.load()
             return pixels_of(im)
-    except (OSError, ValueError, SyntaxError, EOFError):  # what Pillow raises for files it cannot decode
+    except Exception:  # whatever Pillow cannot decode (OSError, DecompressionBombError, ...): libvtrim's error stands
         return None
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from interactive import first_turn_positions, interrupt_first_answer
 
 import pyvtrim
 from pyvtrim import _ffi
@@ -102,7 +101,7 @@ def test_one_shot_reports_why_it_stopped(llava_tiny, image_path: Path) -> None:
 def test_interactive_chat_outgrows_the_context(llava_tiny, image_path: Path) -> None:
     """Every turn after a full context used to fail with 'only 0 of n_ctx are free'; now the oldest turns go."""
     with pyvtrim.Model(llava_tiny.gguf, n_threads=2) as m:
-        first = len(m.tokenize(m.chat_prompt(QUESTION, 1))) + m.info["n_image_tokens"] - 1
+        first = first_turn_positions(m, QUESTION)
     questions = "".join(f"Question number {i}?\n" for i in range(8))
     r = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--max-tokens", "16", "--threads", "2",
               "--n-ctx", str(first + 70)], stdin=f"{QUESTION}\n{questions}\n")
@@ -112,22 +111,8 @@ def test_interactive_chat_outgrows_the_context(llava_tiny, image_path: Path) -> 
 
 
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(llava_tiny, image_path: Path) -> None:
-    p = subprocess.Popen(_cli() + ["chat", str(llava_tiny.gguf), "--image", str(image_path), "--max-tokens",
-                                   "100000", "--threads", "2", "--n-ctx", "100000"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
-    try:
-        p.stdin.write(b"Tell me a long story.\n")
-        p.stdin.flush()
-        os.set_blocking(p.stdout.fileno(), False)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not p.stdout.read(1):  # the answer has started
-            time.sleep(0.02)
-        p.send_signal(signal.SIGINT)
-        p.stdin.write(QUESTION.encode() + b"\n\n")
-        p.stdin.flush()
-        _, err = p.communicate(timeout=120)
-    finally:
-        p.kill()
-    text = err.decode("utf-8", "replace")
-    assert p.returncode == 0, text
-    assert "stopped: interrupted" in text and text.count("stopped:") == 2 and "Traceback" not in text
+    rc, err = interrupt_first_answer(
+        _cli() + ["chat", str(llava_tiny.gguf), "--image", str(image_path), "--max-tokens", "400",
+                  "--threads", "2", "--n-ctx", "2048"], then=QUESTION + "\n\n", env=_env())
+    assert rc == 0, err
+    assert "stopped: interrupted" in err and err.count("stopped:") == 2 and "Traceback" not in err

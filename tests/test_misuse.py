@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from interactive import first_turn_positions
 
 import pyvtrim
 from pyvtrim import _ffi
@@ -108,7 +109,7 @@ def test_finish_reason_eos(llava_tiny, tmp_path: Path) -> None:
 
 def test_chat_drops_the_oldest_turns_when_the_context_is_full(llava_tiny) -> None:
     with pyvtrim.Model(llava_tiny.gguf, n_ctx=1024, n_threads=2) as probe:
-        first_len = len(probe.tokenize(probe.chat_prompt(QUESTION, 1))) + probe.info["n_image_tokens"] - 1
+        first_len = first_turn_positions(probe, QUESTION)
     n_ctx = first_len + 60
     with pyvtrim.Model(llava_tiny.gguf, n_ctx=n_ctx, n_threads=2) as m:
         chat = m.start_chat(max_tokens=12)

@@ -4,17 +4,14 @@ conversation, reports why an answer stopped, recovers from a full context, and r
 
 from __future__ import annotations
 
-import io
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from interactive import first_turn_positions, interrupt_first_answer
 
 import pyvtrim
 from pyvtrim import _ffi
@@ -104,7 +101,7 @@ def test_length_and_full_context(llava_tiny, image_path: Path) -> None:
     r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", QUESTION, "-n", "3", "-t", "2"])
     assert r.returncode == 0 and "stopped: length" in r.stderr, r.stderr
     with pyvtrim.Model(llava_tiny.gguf, n_threads=2) as m:
-        n_prompt = len(m.tokenize(m.chat_prompt(QUESTION, 1))) + m.info["n_image_tokens"] - 1
+        n_prompt = first_turn_positions(m, QUESTION)
     n_ctx = n_prompt + 5
     r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", QUESTION, "-n", "100", "-t", "2",
               "-c", str(n_ctx)])
@@ -115,7 +112,7 @@ def test_length_and_full_context(llava_tiny, image_path: Path) -> None:
 def test_interactive_recovers_from_a_full_context(llava_tiny, image_path: Path) -> None:
     """A turn that no longer fits clears the conversation (the image stays) instead of failing every later turn."""
     with pyvtrim.Model(llava_tiny.gguf, n_threads=2) as m:
-        n_prompt = len(m.tokenize(m.chat_prompt(QUESTION, 1))) + m.info["n_image_tokens"] - 1
+        n_prompt = first_turn_positions(m, QUESTION)
     r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-n", "40", "-t", "2",
               "-c", str(n_prompt + 45)], stdin=f"{QUESTION}\n{QUESTION}\n{QUESTION}\n\n")
     assert r.returncode == 0, r.stderr
@@ -125,25 +122,12 @@ def test_interactive_recovers_from_a_full_context(llava_tiny, image_path: Path) 
 
 
 def test_ctrl_c_stops_the_answer_not_the_session(llava_tiny, image_path: Path) -> None:
-    p = subprocess.Popen([_vtrim_cli(), "-m", str(llava_tiny.gguf), "--image", str(image_path), "-n", "100000",
-                          "-t", "2", "-c", "100000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-    try:
-        p.stdin.write(b"Tell me a long story.\n")
-        p.stdin.flush()
-        os.set_blocking(p.stdout.fileno(), False)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not p.stdout.read(1):  # the answer has started
-            time.sleep(0.02)
-        p.send_signal(signal.SIGINT)
-        p.stdin.write(QUESTION.encode() + b"\n\n")
-        p.stdin.flush()
-        _, err = p.communicate(timeout=120)
-    finally:
-        p.kill()
-    assert p.returncode == 0, err
-    text = err.decode("utf-8", "replace")
-    assert "stopped: interrupted" in text and text.count("stopped:") == 2
+    rc, err = interrupt_first_answer(
+        [_vtrim_cli(), "-m", str(llava_tiny.gguf), "--image", str(image_path), "-n", "400", "-t", "2",
+         "-c", "2048"], then=QUESTION + "\n\n")
+    assert rc == 0, err
+    assert "stopped: interrupted" in err and err.count("stopped:") == 2
+
 
 
 def test_on_the_demo_model(image_path: Path) -> None:

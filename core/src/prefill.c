@@ -385,7 +385,7 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
         c->stats.n_image_tokens = n_images * n_img_tok;
         c->stats.n_image_tokens_kept = n_kept;
     }
-    c->stats.t_encode_ms = (t1 - t0) / 1000.0;
+    c->stats.t_encode_ms = n_images > 0 ? (t1 - t0) / 1000.0 : 0.0;   // no image: no encode, not the bookkeeping's microsecond
     c->stats.t_prefill_ms = (t2 - t1) / 1000.0;
     c->stats.prefill_flops = flops;
     c->stats.prefill_flops_full = flops_full;
