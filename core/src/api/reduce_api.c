@@ -1,24 +1,11 @@
-// The reduction entry points of vtrim.h: each method's defaults and its add, which registers its table entry
-// (reduce/reduce.h) with the context's policy list. A new method adds its two functions here.
+// The reduction entry points of vtrim.h: each method's add registers its table entry (reduce/reduce.h) with
+// the context's policy list (its *_default lives with the method). A new method adds its one-line add here.
 #include "api/error.h"
 #include "arch/arch.h"
 #include "reduce/reduce.h"
 #include "runtime/context.h"
 
 #include <string.h>
-
-void vtrim_fastv_default(struct vtrim_fastv_params * p) {
-    if (p) {
-        *p = (struct vtrim_fastv_params) { .k = 2, .ratio = 0.5f, .score = VTRIM_FASTV_SCORE_LAST };
-    }
-}
-
-void vtrim_trim_default(struct vtrim_trim_params * p) {
-    if (p) {
-        *p = (struct vtrim_trim_params) { .k_ratio = 0.25f, .mode = VTRIM_TRIM_UNION, .keep = 0.5f,
-                                          .first_layer = false };
-    }
-}
 
 static int32_t add(struct vtrim_context * c, const struct vtrim_reducer * r, const void * p, const char * fn) {
     if (!c || !p) {

@@ -8,6 +8,12 @@
 #include <math.h>
 #include <stdlib.h>
 
+void vtrim_fastv_default(struct vtrim_fastv_params * p) {
+    if (p) {
+        *p = (struct vtrim_fastv_params) { .k = 2, .ratio = 0.5f, .score = VTRIM_FASTV_SCORE_LAST };
+    }
+}
+
 static int32_t fastv_validate(const void * params, const struct vtrim_reduce_caps * caps) {
     const struct vtrim_fastv_params * p = params;
     if (!caps->image_rows_in_decoder) {

@@ -8,6 +8,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+void vtrim_trim_default(struct vtrim_trim_params * p) {
+    if (p) {
+        *p = (struct vtrim_trim_params) { .k_ratio = 0.25f, .mode = VTRIM_TRIM_UNION, .keep = 0.5f,
+                                          .first_layer = false };
+    }
+}
+
 static int32_t trim_validate(const void * params, const struct vtrim_reduce_caps * caps) {
     const struct vtrim_trim_params * p = params;
     if (caps->n_cross == 0) {

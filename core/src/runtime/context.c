@@ -3,6 +3,7 @@
 
 #include "api/error.h"
 #include "arch/arch.h"
+#include "runtime/sampling.h"
 
 #include "ggml-alloc.h"
 #include "ggml-cpu.h"
@@ -302,6 +303,8 @@ int32_t vtrim_graph_ops(const struct vtrim_context * c, char * text, int32_t n_m
     text[len] = '\0';
     return 0;
 }
+
+int32_t vtrim_context_vocab_size(const struct vtrim_context * c) { return c->model->text.n_vocab; }
 
 int32_t vtrim_logits(const struct vtrim_context * c, float * logits, int32_t n_vocab) {
     if (!c || !logits) {

@@ -3,7 +3,6 @@
 // draws on every platform.
 #include "runtime/sampling.h"
 
-#include "runtime/context.h"
 #include "api/error.h"
 
 #include <math.h>
@@ -247,7 +246,7 @@ int32_t vtrim_sampler_sample(struct vtrim_sampler * s, const struct vtrim_contex
     if (!s || !ctx || !token) {
         return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_sampler_sample: NULL argument");
     }
-    const int32_t n_vocab = ctx->model->text.n_vocab;
+    const int32_t n_vocab = vtrim_context_vocab_size(ctx);
     if (n_vocab <= 0) {
         return vtrim_fail(VTRIM_ERR_STATE, "the context's model has no vocabulary to sample from");
     }

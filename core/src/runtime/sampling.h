@@ -8,3 +8,6 @@
 // and advances its random generator when it draws. NaN logits never win; fails with VTRIM_ERR_INVALID_ARG
 // when every logit is NaN.
 int32_t vtrim_sample_logits(struct vtrim_sampler * s, const float * logits, int32_t n_vocab, int32_t * token);
+
+// The vocabulary size of the context's model (runtime/context.c): all the sampler needs of a context.
+int32_t vtrim_context_vocab_size(const struct vtrim_context * ctx);
