@@ -1,5 +1,5 @@
 // Attention probes: the attention probabilities of a few query rows, averaged, without the full N x N
-// matrix (flash attention returns no weights; DESIGN.md rule 2). Stock ggml ops only.
+// matrix (flash attention returns no weights; docs/DESIGN.md rule 2). Stock ggml ops only.
 #pragma once
 
 #include "ggml.h"

@@ -1,4 +1,4 @@
-// Shared graph builders on stock ggml ops (DESIGN.md rule 1): every backend runs what they make.
+// Shared graph builders on stock ggml ops (docs/DESIGN.md rule 1): every backend runs what they make.
 #pragma once
 
 #include "ggml.h"

@@ -7,59 +7,87 @@
 #include <stdlib.h>
 #include <string.h>
 
+int32_t vtrim_kv_tensors_init(struct ggml_context ** ctx, ggml_backend_buffer_t * buf, struct ggml_tensor *** k,
+                              struct ggml_tensor *** v, int32_t n_layer, int32_t n_embd_kv, int32_t n_rows,
+                              const bool * one_row, enum ggml_type type, ggml_backend_buffer_type_t buft,
+                              const char * name, int64_t extra_ne0, struct ggml_tensor ** extra) {
+    struct ggml_init_params ip = { .mem_size = (size_t) (2 * n_layer + 2) * ggml_tensor_overhead(),
+                                   .mem_buffer = NULL, .no_alloc = true };
+    *ctx = ggml_init(ip);
+    *k = calloc((size_t) (n_layer > 0 ? n_layer : 1), sizeof **k);
+    *v = calloc((size_t) (n_layer > 0 ? n_layer : 1), sizeof **v);
+    if (!*ctx || !*k || !*v) {
+        vtrim_kv_tensors_free(ctx, buf, k, v);
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory creating the %s cache", name);
+    }
+    for (int32_t il = 0; il < n_layer; il++) {
+        const int32_t rows = one_row && one_row[il] ? 1 : n_rows;
+        (*k)[il] = ggml_new_tensor_2d(*ctx, type, n_embd_kv, rows);
+        (*v)[il] = ggml_new_tensor_2d(*ctx, type, rows, n_embd_kv);
+        ggml_format_name((*k)[il], "%s_k_%d", name, il);
+        ggml_format_name((*v)[il], "%s_v_%d", name, il);
+    }
+    if (extra_ne0 > 0) {
+        *extra = ggml_new_tensor_2d(*ctx, GGML_TYPE_F32, extra_ne0, n_rows);
+        ggml_format_name(*extra, "%s_extra", name);
+    }
+    *buf = ggml_backend_alloc_ctx_tensors_from_buft(*ctx, buft);
+    if (!*buf) {
+        const double mib = 2.0 * n_layer * n_embd_kv * (double) n_rows * ggml_type_size(type) / 1048576.0;
+        vtrim_kv_tensors_free(ctx, buf, k, v);
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "cannot allocate the %s cache (%.1f MiB for %d rows)", name, mib,
+                          n_rows);
+    }
+    ggml_backend_buffer_clear(*buf, 0);
+    return 0;
+}
+
+void vtrim_kv_tensors_free(struct ggml_context ** ctx, ggml_backend_buffer_t * buf, struct ggml_tensor *** k,
+                           struct ggml_tensor *** v) {
+    if (*buf) {
+        ggml_backend_buffer_free(*buf);
+    }
+    if (*ctx) {
+        ggml_free(*ctx);
+    }
+    free(*k);
+    free(*v);
+    *buf = NULL;
+    *ctx = NULL;
+    *k = *v = NULL;
+}
+
 int32_t vtrim_kv_cache_init(struct vtrim_kv_cache * kv, int32_t n_layer, int32_t n_ctx, int32_t head_dim,
                             int32_t n_head_kv, enum ggml_type type, ggml_backend_buffer_type_t buft, const bool * skip) {
     memset(kv, 0, sizeof *kv);
-    const int32_t n_embd_kv = head_dim * n_head_kv;
     kv->type = type;
     kv->n_layer = n_layer;
     kv->n_ctx = n_ctx;
     kv->head_dim = head_dim;
     kv->n_head_kv = n_head_kv;
-    kv->n_embd_kv = n_embd_kv;
-    kv->k = calloc((size_t) n_layer, sizeof *kv->k);
-    kv->v = calloc((size_t) n_layer, sizeof *kv->v);
+    kv->n_embd_kv = head_dim * n_head_kv;
     kv->n = calloc((size_t) n_layer, sizeof *kv->n);
     kv->pos = malloc(sizeof(int32_t) * (size_t) n_layer * (size_t) n_ctx);
     kv->pos_head = calloc((size_t) n_layer, sizeof *kv->pos_head);
-    struct ggml_init_params ip = { .mem_size = (size_t) (2 * n_layer + 1) * ggml_tensor_overhead(),
-                                   .mem_buffer = NULL, .no_alloc = true };
-    kv->ctx = ggml_init(ip);
-    if (!kv->k || !kv->v || !kv->n || !kv->pos || !kv->pos_head || !kv->ctx) {
+    if (!kv->n || !kv->pos || !kv->pos_head) {
         vtrim_kv_cache_free(kv);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory creating the KV cache");
     }
-    for (int32_t il = 0; il < n_layer; il++) {
-        const int32_t rows = skip && skip[il] ? 1 : n_ctx;
-        kv->k[il] = ggml_new_tensor_2d(kv->ctx, type, n_embd_kv, rows);
-        kv->v[il] = ggml_new_tensor_2d(kv->ctx, type, rows, n_embd_kv);
-        ggml_format_name(kv->k[il], "cache_k_l%d", il);
-        ggml_format_name(kv->v[il], "cache_v_l%d", il);
-    }
-    kv->buf = ggml_backend_alloc_ctx_tensors_from_buft(kv->ctx, buft);
-    if (!kv->buf) {
-        const double mib = 2.0 * n_layer * n_embd_kv * (double) n_ctx * ggml_type_size(type) / 1048576.0;
+    const int32_t rc = vtrim_kv_tensors_init(&kv->ctx, &kv->buf, &kv->k, &kv->v, n_layer, kv->n_embd_kv, n_ctx, skip,
+                                             type, buft, "cache", 0, NULL);
+    if (rc < 0) {
         vtrim_kv_cache_free(kv);
-        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "cannot allocate the KV cache (%.1f MiB for n_ctx=%d)", mib, n_ctx);
     }
-    ggml_backend_buffer_clear(kv->buf, 0);
-    return 0;
+    return rc;
 }
 
 void vtrim_kv_cache_free(struct vtrim_kv_cache * kv) {
-    if (kv->buf) {
-        ggml_backend_buffer_free(kv->buf);
-    }
-    if (kv->ctx) {
-        ggml_free(kv->ctx);
-    }
+    vtrim_kv_tensors_free(&kv->ctx, &kv->buf, &kv->k, &kv->v);
     for (int32_t il = 0; kv->pos_head && il < kv->n_layer; il++) {
         free(kv->pos_head[il]);
     }
     free(kv->pos_head);
     free(kv->pos);
-    free(kv->k);
-    free(kv->v);
     free(kv->n);
     memset(kv, 0, sizeof *kv);
 }

@@ -29,6 +29,17 @@ struct vtrim_kv_cache {
     int32_t **            pos_head;      // per layer: NULL (heads share pos), or [n_head_kv][n_ctx]
 };
 
+// The storage both this cache and mllama's cross cache use: K ([n_embd_kv, n_rows]) and transposed V
+// ([n_rows, n_embd_kv]) of n_layer layers in one buffer of buft, named "<name>_k_<il>" and "<name>_v_<il>";
+// one_row[il] (or NULL) gives a layer a 1-row placeholder; extra_ne0 > 0 adds one F32 [extra_ne0, n_rows]
+// tensor (*extra) to the buffer. On failure everything is freed and the message says what did not fit.
+int32_t vtrim_kv_tensors_init(struct ggml_context ** ctx, ggml_backend_buffer_t * buf, struct ggml_tensor *** k,
+                              struct ggml_tensor *** v, int32_t n_layer, int32_t n_embd_kv, int32_t n_rows,
+                              const bool * one_row, enum ggml_type type, ggml_backend_buffer_type_t buft,
+                              const char * name, int64_t extra_ne0, struct ggml_tensor ** extra);
+void    vtrim_kv_tensors_free(struct ggml_context ** ctx, ggml_backend_buffer_t * buf, struct ggml_tensor *** k,
+                              struct ggml_tensor *** v);
+
 // skip[il] (or NULL): layers that keep no rows (mllama's cross-attention layers) get a 1-row placeholder.
 int32_t vtrim_kv_cache_init(struct vtrim_kv_cache * kv, int32_t n_layer, int32_t n_ctx, int32_t head_dim,
                             int32_t n_head_kv, enum ggml_type type, ggml_backend_buffer_type_t buft, const bool * skip);

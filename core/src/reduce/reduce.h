@@ -1,4 +1,4 @@
-// Visual-token reduction methods behind one table of functions each (DESIGN.md rule 5, docs/DESIGN.md
+// Visual-token reduction methods behind one table of functions each (docs/DESIGN.md, rule 5 and
 // "The reducer interface"). A method is data plus pure functions: the hook that fires it computes the scores
 // it asks for, calls apply, and carries out the answer (kept rows, merges). A method never sees the context,
 // the model's internals or the API; what it may know of the model is vtrim_reduce_caps.
@@ -19,7 +19,7 @@ struct vtrim_reduce_caps {
     int32_t n_vision_layer;         // vision tower layers that run, 0 without a tower
 };
 
-// The attention scores a method ranks by, which its hook computes with an explicit probe (DESIGN.md rule 2).
+// The attention scores a method ranks by, which its hook computes with an explicit probe (docs/DESIGN.md rule 2).
 struct vtrim_score_request {
     bool per_head;      // [n_head][n] per-head scores; else the mean over heads, [n]
     bool pre_softmax;   // attention logits; else probabilities

@@ -157,7 +157,9 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
                           c->params.n_ctx - c->n_past, c->params.n_ctx);
     }
     int32_t * kv_n = malloc(sizeof(int32_t) * (size_t) c->kv.n_layer);
-    struct vtrim_reduce_stage * stages = realloc(c->stages, sizeof *stages * (size_t) (c->policies.n + 1));
+    // A stage per policy, and an encoder policy's per image.
+    const size_t max_stages = (size_t) c->policies.n * (size_t) (n_images + 1) + 1;
+    struct vtrim_reduce_stage * stages = realloc(c->stages, sizeof *stages * max_stages);
     if (!kv_n || !stages) {
         free(kv_n);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");

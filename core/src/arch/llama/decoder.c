@@ -92,8 +92,8 @@ int32_t vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, co
     const float scale = 1.0f / sqrtf((float) hp->head_dim);
     memset(in, 0, sizeof *in);
     memset(out, 0, sizeof *out);
-    in->mask = calloc((size_t) (il1 - il0), sizeof *in->mask);
-    in->mask_layer = calloc((size_t) (il1 - il0), sizeof *in->mask_layer);
+    in->mask = calloc((size_t) (il1 - il0 + 1), sizeof *in->mask);
+    in->mask_layer = calloc((size_t) (il1 - il0 + 1), sizeof *in->mask_layer);
     if (!in->mask || !in->mask_layer) {
         vtrim_llama_inputs_free(in);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for the decoder masks");

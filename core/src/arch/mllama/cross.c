@@ -18,44 +18,22 @@ int32_t vtrim_cross_cache_init(struct vtrim_cross_cache * xc, int32_t n_layer, i
     xc->n_layer = n_layer;
     xc->n_rows = n_rows;
     xc->n_embd_kv = n_embd_kv;
-    xc->k = calloc((size_t) n_layer, sizeof *xc->k);
-    xc->v = calloc((size_t) n_layer, sizeof *xc->v);
     xc->kept = calloc((size_t) n_rows, sizeof *xc->kept);
     xc->trimmed = calloc((size_t) (n_layer > 0 ? n_layer : 1), sizeof *xc->trimmed);
-    struct ggml_init_params ip = { .mem_size = (size_t) (2 * n_layer + 2) * ggml_tensor_overhead(),
-                                   .mem_buffer = NULL, .no_alloc = true };
-    xc->ctx = ggml_init(ip);
-    if (!xc->k || !xc->v || !xc->kept || !xc->trimmed || !xc->ctx) {
+    if (!xc->kept || !xc->trimmed) {
         vtrim_cross_cache_free(xc);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory creating the cross-attention cache");
     }
-    for (int32_t il = 0; il < n_layer; il++) {
-        xc->k[il] = ggml_new_tensor_2d(xc->ctx, type, n_embd_kv, n_rows);
-        xc->v[il] = ggml_new_tensor_2d(xc->ctx, type, n_rows, n_embd_kv);
-        ggml_format_name(xc->k[il], "cross_k_%d", il);
-        ggml_format_name(xc->v[il], "cross_v_%d", il);
-    }
-    if (n_embd_states > 0) {
-        xc->states = ggml_new_tensor_2d(xc->ctx, GGML_TYPE_F32, n_embd_states, n_rows);
-        ggml_set_name(xc->states, "image_states");
-    }
-    xc->buf = ggml_backend_alloc_ctx_tensors_from_buft(xc->ctx, buft);
-    if (!xc->buf) {
+    const int32_t rc = vtrim_kv_tensors_init(&xc->ctx, &xc->buf, &xc->k, &xc->v, n_layer, n_embd_kv, n_rows, NULL,
+                                             type, buft, "cross", n_embd_states, &xc->states);
+    if (rc < 0) {
         vtrim_cross_cache_free(xc);
-        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "cannot allocate the cross-attention cache (%d rows)", n_rows);
     }
-    return 0;
+    return rc;
 }
 
 void vtrim_cross_cache_free(struct vtrim_cross_cache * xc) {
-    if (xc->buf) {
-        ggml_backend_buffer_free(xc->buf);
-    }
-    if (xc->ctx) {
-        ggml_free(xc->ctx);
-    }
-    free(xc->k);
-    free(xc->v);
+    vtrim_kv_tensors_free(&xc->ctx, &xc->buf, &xc->k, &xc->v);
     free(xc->kept);
     free(xc->trimmed);
     memset(xc, 0, sizeof *xc);
