@@ -1,11 +1,14 @@
 // Attention probes: the attention probabilities of a few query rows, averaged, without the full N x N
-// matrix (flash attention returns no weights; DESIGN.md rule 2). Stock ggml ops only.
+// matrix (flash attention returns no weights; docs/DESIGN.md rule 2). Stock ggml ops only.
 #pragma once
 
 #include "ggml.h"
 
-// q: [head_dim, n_head, n_q]; k: [head_dim, n_head_kv, n_kv] (a cache view is fine);
-// mask: [n_kv, n_q] additive or NULL. Returns F32 [n_kv]: softmax(q k^T * scale + mask) averaged over
-// heads and query rows.
+// q: [head_dim, n_head, n_q]; k: [head_dim, n_head_kv, n_kv] (a cache view is fine; GQA by broadcast);
+// mask: [n_kv, n_q] additive or NULL. softmax(q k^T * scale + mask) averaged over heads and query rows:
+// F32 [n_kv].
 struct ggml_tensor * vtrim_attn_probe_mean(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
                                            struct ggml_tensor * mask, float scale);
+// The same averaged over the query rows only: F32 [n_kv, n_head].
+struct ggml_tensor * vtrim_attn_probe_per_head(struct ggml_context * ctx, struct ggml_tensor * q,
+                                               struct ggml_tensor * k, struct ggml_tensor * mask, float scale);

@@ -482,11 +482,11 @@ class Model:
         """Makes `reduce` (None, a policy such as pyvtrim.FastV, or a list of them, applied in order) the
         context's visual-token reduction: all or nothing, a bad policy leaves no reduction installed."""
         ctx, ffi, lib = self._ctx(), self._ffi, self._lib
-        params = [policy.to_c(ffi, lib) for policy in policies_of(reduce)]  # ValueError before any change
+        added = [policy.to_c(ffi, lib) for policy in policies_of(reduce)]  # ValueError before any change
         check(lib.vtrim_reduce_clear(ctx))
         try:
-            for p in params:
-                check(lib.vtrim_reduce_add(ctx, p))
+            for add, p in added:
+                check(add(ctx, p))
         except BaseException:
             lib.vtrim_reduce_clear(ctx)
             raise

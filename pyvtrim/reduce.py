@@ -1,7 +1,8 @@
 """Visual-token reduction policies, passed as ``reduce=`` to Model.forward / generate / chat.
 
 A policy is a frozen dataclass; a list of policies is applied in order (they compose). Each run reports
-what every stage did in ``Model.last_stats["stages"]``.
+what every stage did in ``Model.last_stats["stages"]``. ``to_c`` returns the C function that adds the
+method (``vtrim_reduce_add_<method>``) and its params struct, so a new method brings its own pair.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ class FastV:
             raise ValueError(f"FastV score={self.score!r}: must be one of {sorted(_FASTV_SCORES)}")
         if isinstance(self.k, bool) or not isinstance(self.k, int):
             raise ValueError(f"FastV k={self.k!r}: must be an int")
-        p = ffi.new("struct vtrim_reduce_params *")
-        lib.vtrim_reduce_params_default(lib.VTRIM_REDUCE_FASTV, p)
-        p.fastv_k = self.k
-        p.fastv_ratio = float(self.ratio)
-        p.fastv_score = _FASTV_SCORES[self.score]
-        return p
+        p = ffi.new("struct vtrim_fastv_params *")
+        lib.vtrim_fastv_default(p)
+        p.k = self.k
+        p.ratio = float(self.ratio)
+        p.score = _FASTV_SCORES[self.score]
+        return lib.vtrim_reduce_add_fastv, p
 
 
 @dataclass(frozen=True)
@@ -66,14 +67,14 @@ class TrimCrossAttn:
             raise ValueError(f"TrimCrossAttn mode={self.mode!r}: must be one of {sorted(_TRIM_MODES)}")
         if self.mode == "budget" and self.keep is None:
             raise ValueError("TrimCrossAttn(mode='budget') needs keep= (the fraction of features kept)")
-        p = ffi.new("struct vtrim_reduce_params *")
-        lib.vtrim_reduce_params_default(lib.VTRIM_REDUCE_TRIM, p)
-        p.trim_k_ratio = float(self.k_ratio)
-        p.trim_mode = _TRIM_MODES[self.mode]
+        p = ffi.new("struct vtrim_trim_params *")
+        lib.vtrim_trim_default(p)
+        p.k_ratio = float(self.k_ratio)
+        p.mode = _TRIM_MODES[self.mode]
         if self.keep is not None:
-            p.trim_keep = float(self.keep)
-        p.trim_first_layer = bool(self.trim_first_layer)
-        return p
+            p.keep = float(self.keep)
+        p.first_layer = bool(self.trim_first_layer)
+        return lib.vtrim_reduce_add_trim, p
 
 
 Policy = Union[FastV, TrimCrossAttn]

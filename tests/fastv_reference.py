@@ -1,6 +1,6 @@
 """A PyTorch reference of FastV on top of transformers' LlavaForConditionalGeneration.
 
-Written from the paper and DESIGN.md, independently of the runtime: layers 0..K-1 run on every token; the
+Written from the paper and docs/DESIGN.md, independently of the runtime: layers 0..K-1 run on every token; the
 image rows are ranked by layer K-1's attention probabilities (mean over heads) of the last prompt row
 ("last") or of the text rows after the last image ("mean"); the top int((1 - R) * N) image rows are kept
 (ties: lower index first) with every text row, in order and with their ORIGINAL positions; layers K.. run

@@ -1,4 +1,4 @@
-"""The ggml ops of the runtime's graphs (DESIGN.md, rule 1: stock ops only, so every ggml backend runs them).
+"""The ggml ops of the runtime's graphs (docs/DESIGN.md, rule 1: stock ops only, so every ggml backend runs them).
 
 The graphs that prefill, decode and the reductions run on the tiny fixtures (LLaVA with f32 / f16 / q8_0
 weights and both KV types, with and without FastV; Llama-3.2-Vision with and without Trimmed Llama) report

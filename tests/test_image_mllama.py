@@ -1,4 +1,4 @@
-"""Llama-3.2-Vision image preprocessing (core/src/image_mllama.c) against transformers' MllamaImageProcessorPil,
+"""Llama-3.2-Vision image preprocessing (core/src/image/image_mllama.c) against transformers' MllamaImageProcessorPil,
 through the Python API on a converted tiny mllama: Model.preprocess(image) -> float32 [max_image_tiles, 3, S, S]
 and Model.preprocess_info(image) -> {"aspect_ratio_id", "aspect_ratio_mask", "n_tiles"}.
 

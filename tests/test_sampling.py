@@ -1,4 +1,4 @@
-"""The sampler (core/src/sampling.c) as the C API and Model.generate expose it: parameter checks, and that
+"""The sampler (core/src/runtime/sampling.c) as the C API and Model.generate expose it: parameter checks, and that
 top-k, top-p and the temperature pick what they should from the model's logits. Greedy decoding and seeding
 against the model are covered in test_api.py."""
 

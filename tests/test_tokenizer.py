@@ -1,4 +1,4 @@
-"""The tokenizers (core/src/vocab*.c) through the Python API, on the real Llama-2 (SentencePiece) and
+"""The tokenizers (core/src/vocab/*.c) through the Python API, on the real Llama-2 (SentencePiece) and
 Llama-3 (byte-level BPE) vocabularies that ship with the pinned llama.cpp archive.
 
 What decides "right":
@@ -374,7 +374,7 @@ def test_malformed_vocabularies_are_rejected(tmp_path, keys, error, words):
 
 
 def test_unicode_tables_are_generated_from_the_generator():
-    """core/src/unicode_tables.c is tools/gen_unicode_tables.py's output (checked where Python's Unicode
+    """core/src/vocab/unicode_tables.c is tools/gen_unicode_tables.py's output (checked where Python's Unicode
     version is the one the committed file was made from)."""
     import re
     import subprocess
@@ -382,7 +382,7 @@ def test_unicode_tables_are_generated_from_the_generator():
     import unicodedata
 
     repo = Path(__file__).resolve().parents[1]
-    source = repo / "core" / "src" / "unicode_tables.c"
+    source = repo / "core" / "src" / "vocab" / "unicode_tables.c"
     made_from = re.search(r"Unicode ([0-9.]+)", source.read_text().splitlines()[0]).group(1)
     if unicodedata.unidata_version != made_from:
         pytest.skip(f"Python has Unicode {unicodedata.unidata_version}, the tables were made from {made_from}")

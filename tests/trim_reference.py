@@ -2,7 +2,7 @@
 
 "Efficient LLaMA-3.2-Vision by Trimming Cross-attended Visual Features" (arXiv 2504.00557): the visual features
 are trimmed once, at the first cross-attention layer, without training. Written from the paper, the issue and
-DESIGN.md, independently of the runtime; the decoder layers are transformers' own modules, called one by one.
+docs/DESIGN.md, independently of the runtime; the decoder layers are transformers' own modules, called one by one.
 The runtime (core/src/reduce/trim.c) follows the same decisions:
 
 * Visual features: the rows of the cross-attention states, as HF's ``cross_attention_states``: for each image

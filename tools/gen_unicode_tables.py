@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes core/src/unicode_tables.{c,h}: the Unicode classes the Llama-3 pre-tokenizer regex needs.
+"""Writes core/src/vocab/unicode_tables.{c,h}: the Unicode classes the Llama-3 pre-tokenizer regex needs.
 
     python tools/gen_unicode_tables.py            # rewrites the two files in place
     python tools/gen_unicode_tables.py --check    # exits 1 if they are out of date
@@ -112,7 +112,7 @@ uint32_t vtrim_unicode_flags(uint32_t cp) {{
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=pathlib.Path,
-                    default=pathlib.Path(__file__).resolve().parent.parent / "core" / "src")
+                    default=pathlib.Path(__file__).resolve().parent.parent / "core" / "src" / "vocab")
     ap.add_argument("--check", action="store_true", help="fail if the files differ from what would be written")
     args = ap.parse_args()
     header, source = render(build_ranges())

@@ -154,16 +154,20 @@ enum vtrim_trim_mode {
     VTRIM_TRIM_BUDGET = 1       /* exactly `keep` of the states by the head-mean score */
 };
 
-/* One policy. Fields of other methods are ignored. */
-struct vtrim_reduce_params {
-    int32_t method;             /* enum vtrim_reduce_method */
-    int32_t fastv_k;            /* layers 0..K-1 see every token; 1 <= K < n_layer (default 2) */
-    float   fastv_ratio;        /* fraction of the image tokens dropped, in [0, 1] (default 0.5) */
-    int32_t fastv_score;        /* enum vtrim_fastv_score */
-    float   trim_k_ratio;       /* union mode: fraction each head keeps, in (0, 1] (default 0.25) */
-    int32_t trim_mode;          /* enum vtrim_trim_mode */
-    float   trim_keep;          /* budget mode: fraction kept, in (0, 1] (default 0.5) */
-    bool    trim_first_layer;   /* the first cross layer attends to the kept states too (default: all) */
+/* Each method has its own params struct, its *_default and its vtrim_reduce_add_<method>: a new method is an
+ * addition to this header, never a change to an existing struct. */
+
+struct vtrim_fastv_params {
+    int32_t k;                  /* layers 0..K-1 see every token; 1 <= K < n_layer (default 2) */
+    float   ratio;              /* fraction of the image tokens dropped, in [0, 1] (default 0.5) */
+    int32_t score;              /* enum vtrim_fastv_score; default: last */
+};
+
+struct vtrim_trim_params {
+    float   k_ratio;            /* union mode: fraction each head keeps, in (0, 1] (default 0.25) */
+    int32_t mode;               /* enum vtrim_trim_mode; default: union */
+    float   keep;               /* budget mode: fraction kept, in (0, 1] (default 0.5) */
+    bool    first_layer;        /* the first cross layer attends to the kept states too (default: all) */
 };
 
 /* What one policy did in the last prefill. */
@@ -274,10 +278,12 @@ VTRIM_API int32_t vtrim_graph_ops(const struct vtrim_context * ctx, char * text,
 
 /* ---- reduction policies: applied, in order, to every later prefill that holds images ---------- */
 
-VTRIM_API void    vtrim_reduce_params_default(int32_t method, struct vtrim_reduce_params * p);
-/* Checks the policy against the model (VTRIM_ERR_INVALID_ARG with the reason: a parameter out of range,
- * or a method that does not apply to this architecture) and appends it; on error nothing changes. */
-VTRIM_API int32_t vtrim_reduce_add(struct vtrim_context * ctx, const struct vtrim_reduce_params * p);
+VTRIM_API void    vtrim_fastv_default(struct vtrim_fastv_params * p);
+VTRIM_API void    vtrim_trim_default(struct vtrim_trim_params * p);
+/* Check the policy against the model (VTRIM_ERR_INVALID_ARG with the reason: a parameter out of range, or
+ * a method that does not apply to this architecture) and append it; on error nothing changes. */
+VTRIM_API int32_t vtrim_reduce_add_fastv(struct vtrim_context * ctx, const struct vtrim_fastv_params * p);
+VTRIM_API int32_t vtrim_reduce_add_trim(struct vtrim_context * ctx, const struct vtrim_trim_params * p);
 VTRIM_API int32_t vtrim_reduce_clear(struct vtrim_context * ctx);
 VTRIM_API int32_t vtrim_get_reduce_stage(const struct vtrim_context * ctx, int32_t i, struct vtrim_reduce_stage * out);
 /* The image rows the decoder's last layers hold after the last prefill, as indices into that prefill's

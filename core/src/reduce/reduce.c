@@ -1,9 +1,9 @@
+// The policy list and what every method shares (ranking). Which hook runs a method is the method's table
+// entry; the hooks themselves live where their scores are (runtime/stages.c, the architectures).
 #include "reduce/reduce.h"
 
-#include "context.h"
-#include "error.h"
+#include "api/error.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,127 +19,86 @@ void vtrim_rank_sort(struct vtrim_ranked * r, int32_t n) {
     qsort(r, (size_t) n, sizeof *r, by_score_then_row);
 }
 
-void vtrim_reduce_params_default(int32_t method, struct vtrim_reduce_params * p) {
-    if (!p) {
-        return;
+int32_t vtrim_mask_to_rows(const bool * keep, int32_t n, int32_t * out) {
+    int32_t k = 0;
+    for (int32_t i = 0; i < n; i++) {
+        if (keep[i]) {
+            out[k++] = i;
+        }
     }
-    memset(p, 0, sizeof *p);
-    p->method = method;
-    p->fastv_k = 2;
-    p->fastv_ratio = 0.5f;
-    p->fastv_score = VTRIM_FASTV_SCORE_LAST;
-    p->trim_k_ratio = 0.25f;
-    p->trim_mode = VTRIM_TRIM_UNION;
-    p->trim_keep = 0.5f;
-    p->trim_first_layer = false;
+    return k;
 }
 
-int32_t vtrim_reduce_validate(const struct vtrim_model * m, const struct vtrim_reduce_params * p) {
-    switch (p->method) {
-        case VTRIM_REDUCE_FASTV:
-            if (!m->has_vision || m->arch != VTRIM_ARCH_LLAVA) {
-                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "FastV prunes image tokens in the decoder's self-attention; "
-                                  "this model has none");
-            }
-            if (p->fastv_k < 1 || p->fastv_k >= m->text.n_layer) {
-                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "FastV k=%d: must be in [1, %d] (the decoder has %d layers)",
-                                  p->fastv_k, m->text.n_layer - 1, m->text.n_layer);
-            }
-            if (!(p->fastv_ratio >= 0.0f && p->fastv_ratio <= 1.0f)) {
-                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "FastV ratio=%g: must be in [0, 1]", (double) p->fastv_ratio);
-            }
-            if (p->fastv_score != VTRIM_FASTV_SCORE_LAST && p->fastv_score != VTRIM_FASTV_SCORE_MEAN) {
-                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "FastV score %d: must be last (0) or mean (1)", p->fastv_score);
-            }
-            return 0;
-        case VTRIM_REDUCE_TRIM:
-            if (m->arch != VTRIM_ARCH_MLLAMA || m->mllama.n_cross == 0) {
-                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "TrimCrossAttn trims cross-attended image states; this model "
-                                  "has no cross-attention layers");
-            }
-            if (m->mllama.cross_layers[0] < 1) {
-                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "TrimCrossAttn needs a self-attention layer before the first "
-                                  "cross-attention layer");
-            }
-            if (p->trim_mode != VTRIM_TRIM_UNION && p->trim_mode != VTRIM_TRIM_BUDGET) {
-                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "TrimCrossAttn mode %d: must be union (0) or budget (1)",
-                                  p->trim_mode);
-            }
-            if (p->trim_mode == VTRIM_TRIM_UNION && !(p->trim_k_ratio > 0.0f && p->trim_k_ratio <= 1.0f)) {
-                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "TrimCrossAttn k_ratio=%g: must be in (0, 1]",
-                                  (double) p->trim_k_ratio);
-            }
-            if (p->trim_mode == VTRIM_TRIM_BUDGET && !(p->trim_keep > 0.0f && p->trim_keep <= 1.0f)) {
-                return vtrim_fail(VTRIM_ERR_INVALID_ARG, "TrimCrossAttn keep=%g: must be in (0, 1]",
-                                  (double) p->trim_keep);
-            }
-            return 0;
-        default:
-            return vtrim_fail(VTRIM_ERR_INVALID_ARG, "unknown reduction method %d", p->method);
-    }
-}
-
-enum vtrim_hook vtrim_reduce_hook(const struct vtrim_reduce_params * p) {
-    return p->method == VTRIM_REDUCE_TRIM ? VTRIM_HOOK_CROSS_ATTN : VTRIM_HOOK_DECODER_LAYER;
-}
-
-int32_t vtrim_reduce_layer(const struct vtrim_reduce_params * p) { return p->fastv_k; }
-
-int32_t vtrim_reduce_add(struct vtrim_context * c, const struct vtrim_reduce_params * p) {
-    if (!c || !p) {
-        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_reduce_add: ctx and params are required");
-    }
-    int32_t rc = vtrim_reduce_validate(c->model, p);
+int32_t vtrim_policy_list_add(struct vtrim_policy_list * l, const struct vtrim_reducer * r, const void * params,
+                              const struct vtrim_reduce_caps * caps) {
+    int32_t rc = r->validate(params, caps);
     if (rc < 0) {
         return rc;
     }
-    for (int i = 0; i < c->n_policies; i++) {
-        if (vtrim_reduce_hook(&c->policies[i]) == VTRIM_HOOK_CROSS_ATTN && vtrim_reduce_hook(p) == VTRIM_HOOK_CROSS_ATTN) {
-            return vtrim_fail(VTRIM_ERR_INVALID_ARG, "one cross-attention trim per context");
+    const int32_t layer = r->layer(params, caps);
+    for (int32_t i = 0; i < l->n; i++) {
+        const struct vtrim_policy * q = &l->items[i];
+        if (r->one_per_context && q->r == r) {
+            return vtrim_fail(VTRIM_ERR_INVALID_ARG, "one %s per context", r->name);
         }
-    }
-    if (c->n_policies == VTRIM_MAX_POLICIES) {
-        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "at most %d reduction policies", VTRIM_MAX_POLICIES);
-    }
-    for (int i = 0; i < c->n_policies; i++) {
-        const struct vtrim_reduce_params * q = &c->policies[i];
-        if (vtrim_reduce_hook(q) == VTRIM_HOOK_DECODER_LAYER && vtrim_reduce_hook(p) == VTRIM_HOOK_DECODER_LAYER &&
-            vtrim_reduce_layer(q) >= vtrim_reduce_layer(p)) {
+        if (q->r->hook == r->hook && q->layer >= layer) {
             return vtrim_fail(VTRIM_ERR_INVALID_ARG, "decoder-layer policies must come in increasing layer order "
-                              "(layer %d after layer %d)", vtrim_reduce_layer(p), vtrim_reduce_layer(q));
+                              "(layer %d after layer %d)", layer, q->layer);
         }
     }
-    c->policies[c->n_policies++] = *p;
+    if (l->n == l->cap) {
+        const int32_t cap = l->cap ? 2 * l->cap : 4;
+        struct vtrim_policy * items = realloc(l->items, sizeof *items * (size_t) cap);
+        if (!items) {
+            return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+        }
+        l->items = items;
+        l->cap = cap;
+    }
+    void * copy = malloc(r->params_size);
+    if (!copy) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    memcpy(copy, params, r->params_size);
+    l->items[l->n++] = (struct vtrim_policy) { r, copy, layer };
     return 0;
 }
 
-int32_t vtrim_reduce_clear(struct vtrim_context * c) {
-    if (!c) {
-        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_reduce_clear: ctx is NULL");
+void vtrim_policy_list_clear(struct vtrim_policy_list * l) {
+    for (int32_t i = 0; i < l->n; i++) {
+        free(l->items[i].params);
     }
-    c->n_policies = 0;
-    return 0;
+    l->n = 0;
 }
 
-int32_t vtrim_get_reduce_stage(const struct vtrim_context * c, int32_t i, struct vtrim_reduce_stage * out) {
-    if (!c || !out) {
-        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_get_reduce_stage: ctx and out are required");
-    }
-    if (i < 0 || i >= c->n_stages) {
-        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "stage %d of %d", i, c->n_stages);
-    }
-    *out = c->stages[i];
-    return 0;
+void vtrim_policy_list_free(struct vtrim_policy_list * l) {
+    vtrim_policy_list_clear(l);
+    free(l->items);
+    memset(l, 0, sizeof *l);
 }
 
-int32_t vtrim_get_kept_image_rows(const struct vtrim_context * c, int32_t * rows, int32_t n_max, int32_t * n_out) {
-    if (!c || !n_out || n_max < 0 || (!rows && n_max > 0)) {
-        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_get_kept_image_rows: invalid arguments");
+bool vtrim_policy_list_has_hook(const struct vtrim_policy_list * l, int32_t hook) {
+    for (int32_t i = 0; i < l->n; i++) {
+        if (l->items[i].r->hook == hook) {
+            return true;
+        }
     }
-    *n_out = c->n_kept_image_rows;
-    if (c->n_kept_image_rows > n_max) {
-        return vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_get_kept_image_rows: needs %d", c->n_kept_image_rows);
+    return false;
+}
+
+int32_t vtrim_policy_list_order(const struct vtrim_policy_list * l, int32_t except, int32_t * order) {
+    int32_t n = 0;
+    for (int32_t i = 0; i < l->n; i++) {
+        if (l->items[i].r->hook == except) {
+            continue;
+        }
+        // insertion by layer, stable: a policy goes after every earlier one at its layer or before
+        int32_t j = n++;
+        while (j > 0 && l->items[order[j - 1]].layer > l->items[i].layer) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = i;
     }
-    memcpy(rows, c->kept_image_rows, sizeof(int32_t) * (size_t) c->n_kept_image_rows);
-    return 0;
+    return n;
 }

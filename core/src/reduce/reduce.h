@@ -1,14 +1,101 @@
-// Visual-token reduction policies (DESIGN.md rule 5). A policy is data plus pure functions: the forward
-// pass calls it at its hook with the scores it asked for, and it answers which rows survive. It never
-// reaches back into the context or the API.
+// Visual-token reduction methods behind one table of functions each (docs/DESIGN.md, rule 5 and
+// "The reducer interface"). A method is data plus pure functions: the hook that fires it computes the scores
+// it asks for, calls apply, and carries out the answer (kept rows, merges). A method never sees the context,
+// the model's internals or the API; what it may know of the model is vtrim_reduce_caps.
 #pragma once
 
-#include "model.h"
 #include "vtrim.h"
 
 #include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
 
-#define VTRIM_MAX_POLICIES 4
+// What a model offers the methods, filled by its architecture (arch->reduce_caps).
+struct vtrim_reduce_caps {
+    int32_t n_layer;                // decoder layers
+    bool    image_rows_in_decoder;  // image tokens are decoder rows (LLaVA)
+    int32_t n_cross;                // cross-attention layers (mllama), 0 if none
+    int32_t first_cross_layer;      // decoder index of the first, or -1
+    int32_t n_vision_layer;         // vision tower layers that run, 0 without a tower
+};
+
+// The attention scores a method ranks by, which its hook computes with an explicit probe (docs/DESIGN.md rule 2).
+struct vtrim_score_request {
+    bool per_head;      // [n_head][n] per-head scores; else the mean over heads, [n]
+    bool pre_softmax;   // attention logits; else probabilities
+};
+
+// What a hook hands apply. Candidates are indexed 0..n-1 in their order (the pass's rows for a decoder hook,
+// the image states for a cross-attention hook, the tower's rows for an encoder hook).
+struct vtrim_reduce_input {
+    int32_t        n;
+    const bool *   is_image;    // decoder hooks: the image rows (the rest are kept); NULL elsewhere
+    const float *  scores;      // as the score request says, averaged over the query rows; NULL: none asked
+    int32_t        n_head;
+    // Candidates grouped per image ([group_off[i], group_off[i] + group_len[i]) of image i), n_groups 0: one group.
+    int32_t        n_groups;
+    const int32_t * group_off;
+    const int32_t * group_len;
+    const float *  hidden;      // encoder hooks: the rows' states [n][n_embd]; NULL elsewhere
+    int32_t        n_embd;
+};
+
+// What apply answers: the kept candidates in ascending order, and optionally merges: each dropped candidate
+// src[i] adds w[i] times its state into kept candidate dst[i]; a kept row j then becomes
+// (x_j + sum_i w_i x_src_i) / (1 + sum_i w_i) (FiCoCo's self-preserving merge). Hooks that cannot merge
+// (decoder, cross) refuse a non-zero n_merge.
+struct vtrim_reduce_output {
+    int32_t * kept;        // capacity n
+    int32_t   n_kept;
+    int32_t * merge_src, * merge_dst;   // capacity n (NULL when the hook takes no merges)
+    float *   merge_w;
+    int32_t   n_merge;
+    // A cross-attention hook: the kept set applies to the ranking layer itself too (else from the next one).
+    bool      include_hook_layer;
+};
+
+struct vtrim_reducer {
+    int32_t      method;        // enum vtrim_reduce_method: what vtrim_reduce_stage.method reports
+    const char * name;
+    size_t       params_size;   // of the method's public params struct
+    int32_t      hook;          // enum vtrim_hook
+    bool         one_per_context;
+    struct vtrim_score_request scores;
+    // VTRIM_ERR_INVALID_ARG with the reason when the params do not fit the model.
+    int32_t (*validate)(const void * params, const struct vtrim_reduce_caps * caps);
+    // Where the hook fires: the decoder layer the reduced rows enter (decoder hook), the decoder index of the
+    // cross-attention layer that ranks (cross hook), the vision layer the reduced rows enter (encoder hook).
+    int32_t (*layer)(const void * params, const struct vtrim_reduce_caps * caps);
+    // Decoder hooks: the query rows whose attention of layer()-1 ranks the candidates; returns their count
+    // (capacity n). NULL elsewhere (a cross hook's queries are the rows that see an image).
+    int32_t (*query_rows)(const void * params, const bool * is_image, int32_t n, int32_t * q_rows);
+    int32_t (*apply)(const void * params, const struct vtrim_reduce_input * in, struct vtrim_reduce_output * out);
+};
+
+extern const struct vtrim_reducer vtrim_reducer_fastv;   // reduce/fastv.c
+extern const struct vtrim_reducer vtrim_reducer_trim;    // reduce/trim.c
+
+// One method with its params (a copy) at its layer.
+struct vtrim_policy {
+    const struct vtrim_reducer * r;
+    void *                       params;
+    int32_t                      layer;
+};
+
+struct vtrim_policy_list {
+    struct vtrim_policy * items;
+    int32_t               n, cap;
+};
+
+// Validates and appends; on error nothing changes. Policies of one hook come in increasing layer order.
+int32_t vtrim_policy_list_add(struct vtrim_policy_list * l, const struct vtrim_reducer * r, const void * params,
+                              const struct vtrim_reduce_caps * caps);
+void    vtrim_policy_list_clear(struct vtrim_policy_list * l);
+void    vtrim_policy_list_free(struct vtrim_policy_list * l);
+bool    vtrim_policy_list_has_hook(const struct vtrim_policy_list * l, int32_t hook);
+// The policies of hooks other than `except` in the order the prompt meets them (by layer, then as added):
+// order[i] indexes l->items; returns the count.
+int32_t vtrim_policy_list_order(const struct vtrim_policy_list * l, int32_t except, int32_t * order);
 
 // A score and the row it ranks, sorted by vtrim_rank_sort: higher score first, then the lower row.
 struct vtrim_ranked {
@@ -16,26 +103,5 @@ struct vtrim_ranked {
     int32_t row;
 };
 void vtrim_rank_sort(struct vtrim_ranked * r, int32_t n);
-
-// Checks p against the model; VTRIM_ERR_INVALID_ARG with the reason.
-int32_t vtrim_reduce_validate(const struct vtrim_model * m, const struct vtrim_reduce_params * p);
-enum vtrim_hook vtrim_reduce_hook(const struct vtrim_reduce_params * p);
-// For VTRIM_HOOK_DECODER_LAYER: the first layer that runs on the reduced rows.
-int32_t vtrim_reduce_layer(const struct vtrim_reduce_params * p);
-
-// Trimmed Llama (trim.c). scores: [n_head][n_x] per-head mean probabilities of the first cross layer's
-// query rows. Each image i (states [off[i], off[i] + visible[i]), its real tiles) keeps its own share:
-// union mode, the union over heads of each head's top int(k_ratio * visible) (at least 1); budget mode,
-// the top int(keep * visible) (at least 1) by the head-mean. Ties: lower row first. kept: ascending rows.
-int32_t vtrim_trim_select(const struct vtrim_reduce_params * p, const float * scores, int32_t n_head, int32_t n_x,
-                          const int32_t * off, const int32_t * visible, int32_t n_images, int32_t * kept,
-                          int32_t * n_kept);
-
-// FastV (fastv.c). The query rows whose layer-(K-1) attention ranks the image rows: the last row, or the
-// text rows after the last image row. Returns their count in q_rows (capacity n).
-int32_t vtrim_fastv_query_rows(const struct vtrim_reduce_params * p, const bool * is_image, int32_t n,
-                               int32_t * q_rows);
-// Marks the image rows to keep: the top int((1 - ratio) * n_image) by score (ties: lower row first).
-// Text rows are always kept. Returns the number of image rows kept.
-int32_t vtrim_fastv_select(const struct vtrim_reduce_params * p, const bool * is_image, const float * scores,
-                           int32_t n, bool * keep);
+// out: the rows of the kept mask in ascending order; returns their count.
+int32_t vtrim_mask_to_rows(const bool * keep, int32_t n, int32_t * out);

@@ -1,0 +1,112 @@
+// Structural checks that stb_image skips: it ignores PNG checksums and decodes a truncated JPEG or PNG into
+// partly grey pixels, where PIL (and so the HF reference) raises. Walking the container before decoding
+// turns those files into errors, and reads the declared size so that oversized images fail with a clear
+// message before stb allocates anything. Other formats are left to stb.
+#include "image/image.h"
+
+#include "api/error.h"
+
+#include <string.h>
+
+static uint32_t be32(const uint8_t * p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static uint32_t be16(const uint8_t * p) { return ((uint32_t)p[0] << 8) | p[1]; }
+
+// CRC-32 (zlib's polynomial), four bits at a time: a constant 16-entry table, nothing to initialise.
+static uint32_t crc32_png(const uint8_t * p, size_t n) {
+    static const uint32_t table[16] = {
+        0x00000000u, 0x1DB71064u, 0x3B6E20C8u, 0x26D930ACu, 0x76DC4190u, 0x6B6B51F4u, 0x4DB26158u, 0x5005713Cu,
+        0xEDB88320u, 0xF00F9344u, 0xD6D6A3E8u, 0xCB61B38Cu, 0x9B64C2B0u, 0x86D3D2D4u, 0xA00AE278u, 0xBDBDF21Cu,
+    };
+    uint32_t c = 0xFFFFFFFFu;
+    for (size_t i = 0; i < n; i++) {
+        c ^= p[i];
+        c = table[c & 0xF] ^ (c >> 4);
+        c = table[c & 0xF] ^ (c >> 4);
+    }
+    return c ^ 0xFFFFFFFFu;
+}
+
+static int32_t check_declared_size(const char * fmt, uint32_t w, uint32_t h) {
+    if (w == 0 || h == 0) return vtrim_fail(VTRIM_ERR_IMAGE, "image: %s declares an empty image (%u x %u)", fmt, w, h);
+    if (w > VTRIM_IMAGE_MAX_SIDE || h > VTRIM_IMAGE_MAX_SIDE || (int64_t)w * h > VTRIM_IMAGE_MAX_PIXELS) {
+        return vtrim_fail(VTRIM_ERR_IMAGE, "image: %s of %u x %u pixels is too large (at most %d per side, %lld pixels)",
+                          fmt, w, h, VTRIM_IMAGE_MAX_SIDE, VTRIM_IMAGE_MAX_PIXELS);
+    }
+    return 0;
+}
+
+// Every chunk complete and with its CRC right, IHDR first. Data that ends on a chunk boundary before IEND is
+// left to the decoder (it fails if pixel data is missing).
+static int32_t verify_png(const uint8_t * d, size_t n) {
+    size_t pos = 8;
+    bool first = true;
+    while (pos < n) {
+        if (n - pos < 12) return vtrim_fail(VTRIM_ERR_IMAGE, "image: truncated PNG (a chunk header is cut off)");
+        uint32_t len = be32(d + pos);
+        if (len > 0x7FFFFFFFu || (size_t)len > n - pos - 12) {
+            return vtrim_fail(VTRIM_ERR_IMAGE, "image: truncated PNG (a chunk of %u bytes is cut off)", len);
+        }
+        const uint8_t * type = d + pos + 4;
+        if (crc32_png(type, (size_t)len + 4) != be32(type + 4 + len)) {
+            return vtrim_fail(VTRIM_ERR_IMAGE, "image: broken PNG (bad CRC in chunk %.4s)", (const char *)type);
+        }
+        if (first) {
+            if (memcmp(type, "IHDR", 4) != 0 || len != 13) return vtrim_fail(VTRIM_ERR_IMAGE, "image: PNG without IHDR");
+            int32_t rc = check_declared_size("PNG", be32(type + 4), be32(type + 8));
+            if (rc) return rc;
+            first = false;
+        }
+        if (memcmp(type, "IEND", 4) == 0) return 0;
+        pos += 12 + (size_t)len;
+    }
+    return 0;
+}
+
+static bool jpeg_is_sof(uint8_t m) {
+    return m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC;
+}
+
+// Segments from SOI to EOI: lengths that fit, the frame size, and entropy-coded data that ends in a marker.
+static int32_t verify_jpeg(const uint8_t * d, size_t n) {
+    size_t pos = 2;
+    for (;;) {
+        while (pos < n && d[pos] != 0xFF) pos++;          // tolerate junk between segments, as libjpeg does
+        while (pos < n && d[pos] == 0xFF) pos++;          // fill bytes
+        if (pos >= n) return vtrim_fail(VTRIM_ERR_IMAGE, "image: truncated JPEG (no end-of-image marker)");
+        uint8_t m = d[pos++];
+        if (m == 0xD9) return 0;                          // EOI
+        if (m == 0x01 || (m >= 0xD0 && m <= 0xD7)) continue;  // markers without a length
+        if (n - pos < 2) return vtrim_fail(VTRIM_ERR_IMAGE, "image: truncated JPEG (a segment header is cut off)");
+        uint32_t len = be16(d + pos);
+        if (len < 2 || (size_t)len > n - pos) {
+            return vtrim_fail(VTRIM_ERR_IMAGE, "image: truncated JPEG (a segment of %u bytes is cut off)", len);
+        }
+        if (jpeg_is_sof(m) && len >= 7) {
+            int32_t rc = check_declared_size("JPEG", be16(d + pos + 5), be16(d + pos + 3));
+            if (rc) return rc;
+        }
+        pos += len;
+        if (m == 0xDA) {                                  // SOS: entropy-coded data up to the next real marker
+            for (;;) {
+                while (pos < n && d[pos] != 0xFF) pos++;
+                if (pos + 1 >= n) return vtrim_fail(VTRIM_ERR_IMAGE, "image: truncated JPEG (the scan data is cut off)");
+                uint8_t next = d[pos + 1];
+                if (next == 0x00 || (next >= 0xD0 && next <= 0xD7) || next == 0xFF) {
+                    pos += next == 0xFF ? 1 : 2;          // stuffed byte, restart marker, or fill byte
+                    continue;
+                }
+                break;
+            }
+        }
+    }
+}
+
+int32_t vtrim_image_verify(const uint8_t * data, size_t size) {
+    static const uint8_t png_sig[8] = { 0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n' };
+    if (size >= 8 && memcmp(data, png_sig, 8) == 0) return verify_png(data, size);
+    if (size >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF) return verify_jpeg(data, size);
+    return 0;
+}

@@ -1,0 +1,118 @@
+#include "runtime/stages.h"
+
+#include "api/error.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+double vtrim_layer_flops(const struct vtrim_text_hparams * hp, double n, double n_cached) {
+    const double d = hp->n_embd, d_kv = (double) hp->head_dim * hp->n_head_kv;
+    const double matmuls = 2.0 * n * (2.0 * d * d + 2.0 * d * d_kv + 3.0 * d * hp->n_ff);
+    const double attn = 4.0 * d * (n * n_cached + n * (n + 1.0) / 2.0);
+    return matmuls + attn;
+}
+
+struct vtrim_reduce_stage * vtrim_stage_new(struct vtrim_context * c, const struct vtrim_policy * p) {
+    struct vtrim_reduce_stage * st = &c->stages[c->n_stages++];   // sized for every policy by the prefill
+    memset(st, 0, sizeof *st);
+    st->method = p->r->method;
+    st->hook = p->r->hook;
+    st->layer = p->layer;
+    return st;
+}
+
+int32_t vtrim_stage_decoder(struct vtrim_context * c, const struct vtrim_policy * p, struct vtrim_rows * rows,
+                            const float * h_out, const float * h_in) {
+    const struct vtrim_text_hparams * hp = &c->model->text;
+    const int il = p->layer - 1, n = rows->n;
+    if (p->r->scores.per_head || p->r->scores.pre_softmax) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "%s: the decoder-layer hook gives head-mean probabilities only",
+                          p->r->name);
+    }
+    const int32_t n_before = c->kv.n[il] - n;
+    int32_t * q_rows = malloc(sizeof(int32_t) * (size_t) n);
+    float * scores = malloc(sizeof(float) * (size_t) c->kv.n[il]);
+    int32_t * kept = malloc(sizeof(int32_t) * (size_t) n);
+    struct vtrim_rows out = {0};
+    int32_t rc = (q_rows && scores && kept) ? 0 : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    const int32_t n_rows = n, n_img = vtrim_rows_count_image(rows);
+    if (rc == 0) {
+        const int32_t n_q = p->r->query_rows(p->params, rows->is_image, n, q_rows);
+        rc = vtrim_probe_attention(c, rows, h_in, il, q_rows, n_q, scores);
+    }
+    struct vtrim_reduce_output o = { .kept = kept };
+    if (rc == 0) {
+        const struct vtrim_reduce_input in = { .n = n, .is_image = rows->is_image, .scores = scores + n_before,
+                                               .n_head = 1 };
+        rc = p->r->apply(p->params, &in, &o);
+    }
+    if (rc == 0 && o.n_merge > 0) {
+        rc = vtrim_fail(VTRIM_ERR_UNSUPPORTED, "%s: the decoder-layer hook does not merge rows", p->r->name);
+    }
+    if (rc == 0) {
+        rc = vtrim_rows_keep(rows, kept, o.n_kept, h_out, hp->n_embd, &out);
+    }
+    free(q_rows);
+    free(scores);
+    free(kept);
+    if (rc < 0) {
+        return rc;
+    }
+    vtrim_rows_free(rows);
+    *rows = out;
+    struct vtrim_reduce_stage * st = vtrim_stage_new(c, p);
+    const int32_t dropped = n_rows - rows->n, k = p->layer;
+    const int64_t row_bytes = 2 * (int64_t) ggml_row_size(c->kv.type, (int64_t) hp->head_dim * hp->n_head_kv);
+    st->n_in = n_img;
+    st->n_kept = vtrim_rows_count_image(rows);
+    for (int l = k; l < hp->n_layer; l++) {
+        st->kv_bytes_kept += (int64_t) (c->kv.n[l] + rows->n) * row_bytes;
+        st->flops_saved += vtrim_layer_flops(hp, n_rows, c->kv.n[l]) - vtrim_layer_flops(hp, rows->n, c->kv.n[l]);
+    }
+    st->kv_bytes_full = st->kv_bytes_kept + (int64_t) dropped * (hp->n_layer - k) * row_bytes;
+    return 0;
+}
+
+int32_t vtrim_stage_vision(struct vtrim_context * c, const struct vtrim_policy * p, float * hidden, int32_t n,
+                           int32_t n_embd, int32_t * n_out) {
+    int32_t * buf = malloc(sizeof(int32_t) * 3 * (size_t) n);
+    float * w = malloc(sizeof(float) * (size_t) n);
+    float * acc = calloc((size_t) n, sizeof(float));
+    if (!buf || !w || !acc) {
+        free(buf); free(w); free(acc);
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    struct vtrim_reduce_output o = { .kept = buf, .merge_src = buf + n, .merge_dst = buf + 2 * n, .merge_w = w };
+    const struct vtrim_reduce_input in = { .n = n, .hidden = hidden, .n_embd = n_embd };
+    int32_t rc = p->r->apply(p->params, &in, &o);
+    if (rc == 0 && (o.n_kept < 1 || o.kept[0] != 0)) {
+        rc = vtrim_fail(VTRIM_ERR_STATE, "%s dropped the vision tower's CLS row", p->r->name);
+    }
+    if (rc == 0) {
+        // Merges read the states before any move: x_j <- (x_j + sum w x_src) / (1 + sum w), targets kept.
+        for (int32_t i = 0; i < o.n_merge; i++) {
+            const float * src = hidden + (size_t) o.merge_src[i] * n_embd;
+            float * dst = hidden + (size_t) o.merge_dst[i] * n_embd;
+            for (int32_t e = 0; e < n_embd; e++) {
+                dst[e] += o.merge_w[i] * src[e];
+            }
+            acc[o.merge_dst[i]] += o.merge_w[i];
+        }
+        for (int32_t j = 0; j < o.n_kept; j++) {
+            float * dst = hidden + (size_t) j * n_embd;
+            const float * src = hidden + (size_t) o.kept[j] * n_embd;
+            const float scale = 1.0f / (1.0f + acc[o.kept[j]]);
+            for (int32_t e = 0; e < n_embd; e++) {
+                dst[e] = src[e] * scale;
+            }
+        }
+        *n_out = o.n_kept;
+        struct vtrim_reduce_stage * st = vtrim_stage_new(c, p);
+        st->n_in = n;
+        st->n_kept = o.n_kept;
+    }
+    free(buf);
+    free(w);
+    free(acc);
+    return rc;
+}

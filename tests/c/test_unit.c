@@ -1,0 +1,248 @@
+// C unit tests of the pieces that need no model: the mask builder, the sampler on plain arrays, the policy
+// list and the methods' apply, and (with VTRIM_UNIT_GGML, built by CMake against ggml) the KV cache's
+// position bookkeeping, truncation and per-head compaction. tests/test_c_unit.py runs them.
+#include "kv/mask.h"
+#include "reduce/reduce.h"
+#include "runtime/sampling.h"
+#include "vtrim.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int g_failed = 0;
+
+#define CHECK(cond)                                                                  \
+    do {                                                                             \
+        if (!(cond)) {                                                               \
+            fprintf(stderr, "%s:%d: CHECK(%s) failed\n", __FILE__, __LINE__, #cond); \
+            g_failed++;                                                              \
+        }                                                                            \
+    } while (0)
+
+#ifndef VTRIM_UNIT_GGML
+// The sampler's link to a context: never called by these tests.
+int32_t vtrim_context_vocab_size(const struct vtrim_context * ctx) { (void) ctx; return 0; }
+int32_t vtrim_logits(const struct vtrim_context * ctx, float * logits, int32_t n_vocab) {
+    (void) ctx; (void) logits; (void) n_vocab;
+    return VTRIM_ERR_STATE;
+}
+#endif
+
+static void test_mask_from_positions(void) {
+    // cached rows at positions 0, 3, 7 (gaps after a reduction), then two new rows at 8 and 9, padded to 8
+    const int32_t cols[] = { 0, 3, 7, 8, 9 };
+    const int32_t rows[] = { 8, 9 };
+    float mask[2 * 8];
+    vtrim_kv_mask_fill(cols, 5, rows, 2, 8, mask);
+    const float want[2][8] = { { 0, 0, 0, 0, -INFINITY, -INFINITY, -INFINITY, -INFINITY },
+                               { 0, 0, 0, 0, 0, -INFINITY, -INFINITY, -INFINITY } };
+    for (int r = 0; r < 2; r++) {
+        for (int j = 0; j < 8; j++) {
+            CHECK(mask[r * 8 + j] == want[r][j]);
+        }
+    }
+    // a query before a cached row does not see it: any order of positions masks by position
+    const int32_t early[] = { 5 };
+    vtrim_kv_mask_fill(cols, 5, early, 1, 5, mask);
+    CHECK(mask[0] == 0 && mask[1] == 0 && isinf(mask[2]) && isinf(mask[3]) && isinf(mask[4]));
+}
+
+static struct vtrim_sampler * sampler(float temperature, int32_t top_k, float top_p, uint64_t seed) {
+    struct vtrim_sampler_params p;
+    vtrim_sampler_params_default(&p);
+    p.temperature = temperature;
+    p.top_k = top_k;
+    p.top_p = top_p;
+    p.seed = seed;
+    struct vtrim_sampler * s = NULL;
+    CHECK(vtrim_sampler_init(&p, &s) == 0);
+    return s;
+}
+
+static void test_sampling(void) {
+    struct vtrim_sampler * g = sampler(0.0f, 0, 1.0f, 0);
+    const float ties[] = { 1.0f, 3.0f, 3.0f, -2.0f };
+    int32_t tok = -1;
+    CHECK(vtrim_sample_logits(g, ties, 4, &tok) == 0 && tok == 1);          // ties go to the lower id
+    const float with_nan[] = { NAN, 0.5f, NAN, 0.25f };
+    CHECK(vtrim_sample_logits(g, with_nan, 4, &tok) == 0 && tok == 1);      // NaN never wins
+    const float all_nan[] = { NAN, NAN };
+    CHECK(vtrim_sample_logits(g, all_nan, 2, &tok) == VTRIM_ERR_INVALID_ARG);
+    vtrim_sampler_free(g);
+
+    // top_k 1 at any temperature is greedy
+    struct vtrim_sampler * k1 = sampler(1.5f, 1, 1.0f, 7);
+    const float logits[] = { 0.1f, 2.0f, 1.9f, -1.0f, 0.0f };
+    for (int i = 0; i < 10; i++) {
+        CHECK(vtrim_sample_logits(k1, logits, 5, &tok) == 0 && tok == 1);
+    }
+    vtrim_sampler_free(k1);
+
+    // a seed gives the same draws; the draws stay among the top_k
+    struct vtrim_sampler * a = sampler(1.0f, 3, 1.0f, 42), * b = sampler(1.0f, 3, 1.0f, 42);
+    int seen[5] = { 0 };
+    for (int i = 0; i < 200; i++) {
+        int32_t ta = -1, tb = -2;
+        CHECK(vtrim_sample_logits(a, logits, 5, &ta) == 0 && vtrim_sample_logits(b, logits, 5, &tb) == 0);
+        CHECK(ta == tb);
+        if (ta >= 0 && ta < 5) {
+            seen[ta]++;
+        }
+    }
+    CHECK(seen[3] == 0 && seen[4] == 0 && seen[1] > 0 && seen[2] > 0);
+    vtrim_sampler_free(a);
+    vtrim_sampler_free(b);
+}
+
+static void test_policy_list(void) {
+    struct vtrim_reduce_caps caps = { .n_layer = 8, .image_rows_in_decoder = true, .first_cross_layer = -1 };
+    struct vtrim_policy_list l = { 0 };
+    struct vtrim_fastv_params p;
+    vtrim_fastv_default(&p);
+    CHECK(p.k == 2 && p.ratio == 0.5f && p.score == VTRIM_FASTV_SCORE_LAST);
+    for (int k = 1; k <= 6; k++) {   // more than any fixed count
+        p.k = k;
+        CHECK(vtrim_policy_list_add(&l, &vtrim_reducer_fastv, &p, &caps) == 0);
+    }
+    p.k = 3;
+    CHECK(vtrim_policy_list_add(&l, &vtrim_reducer_fastv, &p, &caps) == VTRIM_ERR_INVALID_ARG);   // out of order
+    p.k = 8;
+    CHECK(vtrim_policy_list_add(&l, &vtrim_reducer_fastv, &p, &caps) == VTRIM_ERR_INVALID_ARG);   // k == n_layer
+    CHECK(l.n == 6);
+    int32_t order[8];
+    CHECK(vtrim_policy_list_order(&l, VTRIM_HOOK_VISION_ENCODER, order) == 6);
+    for (int i = 0; i < 6; i++) {
+        CHECK(order[i] == i && l.items[i].layer == i + 1);
+    }
+    struct vtrim_trim_params t;
+    vtrim_trim_default(&t);
+    CHECK(vtrim_policy_list_add(&l, &vtrim_reducer_trim, &t, &caps) == VTRIM_ERR_INVALID_ARG);    // no cross layers
+    vtrim_policy_list_free(&l);
+}
+
+static void test_fastv_apply(void) {
+    // rows: text, 4 image rows, text; keep int(0.5 * 4) = 2 image rows by score, ties to the lower row
+    const bool is_image[] = { false, true, true, true, true, false };
+    const float scores[] = { 0.9f, 0.1f, 0.3f, 0.3f, 0.2f, 0.0f };
+    struct vtrim_fastv_params p;
+    vtrim_fastv_default(&p);
+    int32_t kept[6];
+    struct vtrim_reduce_output out = { .kept = kept };
+    const struct vtrim_reduce_input in = { .n = 6, .is_image = is_image, .scores = scores, .n_head = 1 };
+    CHECK(vtrim_reducer_fastv.apply(&p, &in, &out) == 0);
+    CHECK(out.n_kept == 4 && kept[0] == 0 && kept[1] == 2 && kept[2] == 3 && kept[3] == 5 && out.n_merge == 0);
+    int32_t q[6];
+    p.score = VTRIM_FASTV_SCORE_MEAN;
+    CHECK(vtrim_reducer_fastv.query_rows(&p, is_image, 6, q) == 1 && q[0] == 5);
+}
+
+static void test_trim_apply(void) {
+    // two heads over 6 states of one image; union of each head's top int(0.25 * 6) = 1 state
+    const float scores[2 * 6] = { 0.1f, 0.5f, 0.1f, 0.1f, 0.1f, 0.1f,
+                                  0.1f, 0.1f, 0.1f, 0.1f, 0.6f, 0.0f };
+    const int32_t off[] = { 0 }, len[] = { 6 };
+    struct vtrim_trim_params p;
+    vtrim_trim_default(&p);
+    int32_t kept[6];
+    struct vtrim_reduce_output out = { .kept = kept };
+    const struct vtrim_reduce_input in = { .n = 6, .scores = scores, .n_head = 2, .n_groups = 1, .group_off = off,
+                                           .group_len = len };
+    CHECK(vtrim_reducer_trim.apply(&p, &in, &out) == 0);
+    CHECK(out.n_kept == 2 && kept[0] == 1 && kept[1] == 4 && !out.include_hook_layer);
+}
+
+#ifdef VTRIM_UNIT_GGML
+#include "kv/kv_cache.h"
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+
+// K element (channel c of row r) and V element as the test writes them.
+static float kval(int r, int c) { return (float) (r * 100 + c); }
+static float vval(int r, int c) { return (float) (r * 100 + c) + 0.5f; }
+
+static void test_kv_cache(void) {
+    ggml_backend_t cpu = ggml_backend_cpu_init();
+    struct vtrim_kv_cache kv;
+    const int hd = 4, nh = 2, n_ctx = 16, n_embd_kv = hd * nh;
+    CHECK(vtrim_kv_cache_init(&kv, 2, n_ctx, hd, nh, GGML_TYPE_F32, ggml_backend_get_default_buffer_type(cpu), NULL) == 0);
+    float * k = malloc(sizeof(float) * n_embd_kv * n_ctx), * v = malloc(sizeof(float) * n_embd_kv * n_ctx);
+    for (int r = 0; r < n_ctx; r++) {
+        for (int c = 0; c < n_embd_kv; c++) {
+            k[r * n_embd_kv + c] = kval(r, c);
+            v[c * n_ctx + r] = vval(r, c);   // V is stored transposed
+        }
+    }
+    ggml_backend_tensor_set(kv.k[0], k, 0, ggml_nbytes(kv.k[0]));
+    ggml_backend_tensor_set(kv.v[0], v, 0, ggml_nbytes(kv.v[0]));
+
+    // positions with gaps, appended in two calls; out of order is refused
+    const int32_t p1[] = { 0, 2, 4, 6 }, p2[] = { 8, 9 }, bad[] = { 9 };
+    CHECK(vtrim_kv_append(&kv, 0, p1, 4) == 0 && vtrim_kv_append(&kv, 0, p2, 2) == 0 && kv.n[0] == 6);
+    CHECK(vtrim_kv_append(&kv, 0, bad, 1) == VTRIM_ERR_STATE && kv.n[0] == 6);
+    CHECK(vtrim_kv_append(&kv, 1, p1, 4) == 0 && vtrim_kv_append(&kv, 1, p2, 2) == 0);
+    CHECK(vtrim_kv_same_rows(&kv, 0, 1));
+
+    // truncation: drop every row after position 6
+    CHECK(vtrim_kv_truncate(&kv, 6) == 0 && kv.n[0] == 4 && kv.n[1] == 4);
+
+    // per-head compaction of layer 0: head 0 keeps rows {0, 2}, head 1 keeps rows {1, 3}
+    const int32_t keep[] = { 0, 2, 1, 3 };
+    struct ggml_init_params ip = { .mem_size = 64 * ggml_tensor_overhead() + ggml_graph_overhead(), .mem_buffer = NULL,
+                                   .no_alloc = true };
+    struct ggml_context * gctx = ggml_init(ip);
+    struct ggml_cgraph * gf = ggml_new_graph(gctx);
+    struct ggml_tensor * idx;
+    vtrim_kv_build_compact(gctx, gf, &kv, 0, 2, &idx);
+    ggml_gallocr_t ga = ggml_gallocr_new(ggml_backend_get_default_buffer_type(cpu));
+    CHECK(ggml_gallocr_alloc_graph(ga, gf));
+    int32_t idx_data[4];
+    vtrim_kv_compact_index(&kv, keep, 2, true, idx_data);
+    ggml_backend_tensor_set(idx, idx_data, 0, sizeof idx_data);
+    CHECK(ggml_backend_graph_compute(cpu, gf) == GGML_STATUS_SUCCESS);
+    CHECK(vtrim_kv_commit_compact(&kv, 0, keep, 2, true) == 0 && kv.n[0] == 2);
+    ggml_backend_tensor_get(kv.k[0], k, 0, ggml_nbytes(kv.k[0]));
+    ggml_backend_tensor_get(kv.v[0], v, 0, ggml_nbytes(kv.v[0]));
+    for (int h = 0; h < nh; h++) {
+        for (int i = 0; i < 2; i++) {
+            const int r = keep[h * 2 + i];
+            for (int c = h * hd; c < (h + 1) * hd; c++) {
+                CHECK(k[i * n_embd_kv + c] == kval(r, c));
+                CHECK(v[c * n_ctx + i] == vval(r, c));
+            }
+            CHECK(vtrim_kv_positions(&kv, 0, h)[i] == p1[r]);
+        }
+    }
+    CHECK(!vtrim_kv_same_rows(&kv, 0, 1));
+    // the heads hold different rows: a truncation between them would leave them with different counts
+    CHECK(vtrim_kv_truncate(&kv, 4) == VTRIM_ERR_UNSUPPORTED && kv.n[0] == 2 && kv.n[1] == 4);
+    CHECK(vtrim_kv_truncate(&kv, 6) == 0 && kv.n[0] == 2 && kv.n[1] == 4);
+    CHECK(vtrim_kv_truncate(&kv, 2) == 0 && kv.n[0] == 1 && kv.n[1] == 2);
+    ggml_gallocr_free(ga);
+    ggml_free(gctx);
+    free(k);
+    free(v);
+    vtrim_kv_cache_free(&kv);
+    ggml_backend_free(cpu);
+}
+#endif
+
+int main(void) {
+    test_mask_from_positions();
+    test_sampling();
+    test_policy_list();
+    test_fastv_apply();
+    test_trim_apply();
+#ifdef VTRIM_UNIT_GGML
+    test_kv_cache();
+#endif
+    if (g_failed) {
+        fprintf(stderr, "%d check(s) failed\n", g_failed);
+        return 1;
+    }
+    printf("all checks passed\n");
+    return 0;
+}
