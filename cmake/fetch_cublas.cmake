@@ -19,33 +19,11 @@ if(NOT CUDA_cublas_LIBRARY AND NOT VTRIM_CUBLAS_ROOT)
         message(FATAL_ERROR "pyvtrim: the CUDA toolkit has no cuBLAS; install it, or set VTRIM_CUBLAS_ROOT to a "
                             "folder with include/cublas_v2.h and lib/libcublas.so")
     endif()
-    vtrim_cache_dir(_cache)
-    set(_wheel "${_cache}/${VTRIM_CUBLAS_WHEEL}")
+    vtrim_pip_download("nvidia-cublas==${VTRIM_CUBLAS_VERSION}" "${VTRIM_CUBLAS_WHEEL}" "${VTRIM_CUBLAS_SHA256}"
+                       _wheel "set VTRIM_CUBLAS_ROOT to a cuBLAS folder (include/, lib/)"
+                       ARGS --only-binary=:all: --platform manylinux_2_5_x86_64)
+    get_filename_component(_cache "${_wheel}" DIRECTORY)
     set(_tree "${_cache}/nvidia-cublas-${VTRIM_CUBLAS_VERSION}")
-    if(EXISTS "${_wheel}")
-        file(SHA256 "${_wheel}" _have)
-        if(NOT _have STREQUAL VTRIM_CUBLAS_SHA256)
-            file(REMOVE "${_wheel}")
-            file(REMOVE_RECURSE "${_tree}")
-        endif()
-    endif()
-    if(NOT EXISTS "${_wheel}")
-        find_package(Python3 COMPONENTS Interpreter REQUIRED)
-        message(STATUS "pyvtrim: fetching nvidia-cublas==${VTRIM_CUBLAS_VERSION} into ${_cache}")
-        execute_process(
-            COMMAND "${Python3_EXECUTABLE}" -m pip download --no-deps --only-binary=:all:
-                    --platform manylinux_2_5_x86_64 "nvidia-cublas==${VTRIM_CUBLAS_VERSION}" -d "${_cache}"
-            RESULT_VARIABLE _rc)
-        if(NOT _rc EQUAL 0 OR NOT EXISTS "${_wheel}")
-            message(FATAL_ERROR "pyvtrim: could not download nvidia-cublas==${VTRIM_CUBLAS_VERSION}; "
-                                "set VTRIM_CUBLAS_ROOT to a cuBLAS folder (include/, lib/)")
-        endif()
-        file(SHA256 "${_wheel}" _have)
-        if(NOT _have STREQUAL VTRIM_CUBLAS_SHA256)
-            file(REMOVE "${_wheel}")
-            message(FATAL_ERROR "pyvtrim: sha256 mismatch for ${VTRIM_CUBLAS_WHEEL}: got ${_have}")
-        endif()
-    endif()
     if(NOT EXISTS "${_tree}/nvidia/cu13/include/cublas_v2.h")
         file(ARCHIVE_EXTRACT INPUT "${_wheel}" DESTINATION "${_tree}" PATTERNS "nvidia/cu13/include/*" "nvidia/cu13/lib/*")
     endif()
