@@ -82,9 +82,19 @@ def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index) & 0xFFFFFFFF, stream])
 
 
+_GRIDS: Dict[int, tuple] = {}
+
+
+def _grid(size: int):
+    if size not in _GRIDS:
+        ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+        _GRIDS[size] = (ys, xs)
+    return _GRIDS[size]
+
+
 def shape_mask(shape: str, side: int, cx: float, cy: float, size: int = IMAGE_SIZE) -> np.ndarray:
     """Boolean H x W mask of one object (pixel centres inside the shape)."""
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    ys, xs = _grid(size)
     h = side / 2.0
     if shape == "square":
         return (np.abs(xs - cx) <= h) & (np.abs(ys - cy) <= h)
@@ -270,14 +280,20 @@ def patch_labels(scene: Scene, patch: int = 8, min_pixels: int = 6) -> PatchLabe
     size = scene.object_map.shape[0]
     g = size // patch
     n = g * g
-    colour, shape, sz, centre = (np.zeros(n, np.int64) for _ in range(4))
+    centre = np.zeros(n, np.int64)
     blocks = scene.object_map.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(n, patch * patch)
     cols, shps = list(COLOURS), list(SHAPES)
-    for p in range(n):
-        ids, counts = np.unique(blocks[p][blocks[p] >= 0], return_counts=True)
-        if len(ids) and counts.max() >= min_pixels:
-            o = scene.objects[int(ids[np.argmax(counts)])]
-            colour[p], shape[p], sz[p] = cols.index(o.colour) + 1, shps.index(o.shape) + 1, 1 + (o.size == "large")
+    k = len(scene.objects)
+    # table row 0 = background, row i+1 = object i: (colour, shape, size) classes
+    table = np.zeros((k + 1, 3), np.int64)
+    for i, o in enumerate(scene.objects):
+        table[i + 1] = (cols.index(o.colour) + 1, shps.index(o.shape) + 1, 1 + (o.size == "large"))
+    counts = np.zeros((n, k + 1), np.int64)
+    np.add.at(counts, (np.repeat(np.arange(n), patch * patch), blocks.reshape(-1).astype(np.int64) + 1), 1)
+    counts[:, 0] = 0
+    best = counts.argmax(1)
+    best[counts.max(1) < min_pixels] = 0
+    colour, shape, sz = (table[best, j].copy() for j in range(3))
     for o in scene.objects:
         p = min(int(o.cy // patch), g - 1) * g + min(int(o.cx // patch), g - 1)
         colour[p], shape[p], sz[p], centre[p] = cols.index(o.colour) + 1, shps.index(o.shape) + 1, \
