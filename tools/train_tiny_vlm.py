@@ -209,21 +209,25 @@ class Trainer:
 
         self.torch, self.model, self.prompts, self.device = torch, model, prompts, device
         self.core = model.model
-        vh = model.config.vision_config.hidden_size
-        self.heads = torch.nn.ModuleDict({
-            "colour": torch.nn.Linear(vh, sv.N_COLOUR_CLASSES), "shape": torch.nn.Linear(vh, sv.N_SHAPE_CLASSES),
-            "size": torch.nn.Linear(vh, sv.N_SIZE_CLASSES), "centre": torch.nn.Linear(vh, 2),
-            "row": torch.nn.Linear(vh, 12), "col": torch.nn.Linear(vh, 12)}).to(device)
+        def heads(d):
+            return torch.nn.ModuleDict({
+                "colour": torch.nn.Linear(d, sv.N_COLOUR_CLASSES), "shape": torch.nn.Linear(d, sv.N_SHAPE_CLASSES),
+                "size": torch.nn.Linear(d, sv.N_SIZE_CLASSES), "centre": torch.nn.Linear(d, 2),
+                "row": torch.nn.Linear(d, 12), "col": torch.nn.Linear(d, 12)}).to(device)
+
+        self.heads = heads(model.config.vision_config.hidden_size)
+        self.proj_heads = heads(model.config.text_config.hidden_size)  # on the projector's output (stage 1b)
 
     def vision_features(self, pixels):
         out = self.core.vision_tower(pixels, output_hidden_states=True)
         return out.hidden_states[-1][:, 1:]
 
-    def dense_loss(self, feats, labels):
+    def dense_loss(self, feats, labels, heads=None):
         F = self.torch.nn.functional
+        heads = self.heads if heads is None else heads
         loss, accs = 0.0, {}
         for j, name in enumerate(("colour", "shape", "size", "centre", "row", "col")):
-            logits = self.heads[name](feats)
+            logits = heads[name](feats)
             y = labels[:, j]
             w = None
             if name == "centre":
@@ -354,6 +358,10 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--resume-stage1", type=Path, default=None, help="a stage-1 checkpoint (vision tower) to reuse")
+    ap.add_argument("--init-from", type=Path, default=None, help="start from a saved model directory (continue)")
+    ap.add_argument("--warmup2", type=int, default=150)
+    ap.add_argument("--steps1b", type=int, default=100, help="projector-only dense steps")
+    ap.add_argument("--center", type=int, default=1, help="centre the projector output after stage 1b")
     ap.add_argument("--only-stage1", action="store_true", help="stop after stage 1 (saves stage1.pt)")
     ap.add_argument("--gguf", type=Path, default=None, help="also convert the result to this GGUF")
     ap.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0"))
@@ -401,9 +409,20 @@ def main(argv=None):
         return trainer.dense_loss(feats, torch.from_numpy(lab).to(device))
 
     t1 = 0.0
+    if args.init_from:  # continue from a saved model (the stage-1 file then gives the dense heads only)
+        from transformers import LlavaForConditionalGeneration
+
+        prev = LlavaForConditionalGeneration.from_pretrained(str(args.init_from))
+        model.load_state_dict(prev.state_dict())
+        del prev
+        prev_summary = args.init_from / "train_summary.json"
+        if prev_summary.is_file():
+            summary["continued_from"] = json.loads(prev_summary.read_text())
+        log(f"weights from {args.init_from}")
     if args.resume_stage1:
         sd = torch.load(args.resume_stage1, map_location=device)
-        vt.load_state_dict(sd["tower"])
+        if not args.init_from:
+            vt.load_state_dict(sd["tower"])
         trainer.heads.load_state_dict(sd["heads"])
         log(f"stage 1 from {args.resume_stage1} (steps {sd.get('steps')}, {sd.get('seconds')} s); "
             f"{args.steps1} more steps")
@@ -420,9 +439,33 @@ def main(argv=None):
             return 0
     summary["stage1"] = dict(steps=args.steps1, seconds=round(t1, 1), batch=args.batch1)
 
-    # Stage 2: projector + decoder on the questions, tower frozen.
+    # Stage 1b: the projector alone on the same dense objective (tower frozen), then centred: the image
+    # tokens the decoder sees carry the per-patch facts linearly and share no large common component.
     for p in vt.parameters():
         p.requires_grad_(False)
+
+    def step1b(step):
+        _, px, lab = pool.batch_images(args.batch1)
+        with torch.no_grad():
+            feats = trainer.vision_features(torch.from_numpy(px).to(device))
+        return trainer.dense_loss(proj(feats), torch.from_numpy(lab).to(device), trainer.proj_heads)
+
+    t1b = 0.0
+    if args.steps1b > 0 and not args.init_from:
+        t1b = run_stage("stage1b", [{"params": list(proj.parameters()) + list(trainer.proj_heads.parameters()),
+                                    "lr": args.lr1}], args.steps1b, 20, step1b, 25)
+    if args.center and not args.init_from:
+        with torch.no_grad():
+            _, px, _ = pool.batch_images(64)
+            y = proj(trainer.vision_features(torch.from_numpy(px).to(device))).reshape(-1, proj.linear_2.out_features)
+            mu = y.mean(0)
+            ratio = float(mu.norm() / y.sub(mu).pow(2).sum(-1).mean().sqrt())
+            proj.linear_2.bias.sub_(mu)
+        log(f"projector output centred: |mean| / rms deviation was {ratio:.3f}")
+        summary["projector_mean_to_spread_before_centring"] = round(ratio, 4)
+    summary["stage1b"] = dict(steps=args.steps1b if not args.init_from else 0, seconds=round(t1b, 1))
+
+    # Stage 2: projector + decoder on the questions, tower frozen.
 
     def step2(step):
         mo = 3 if step < args.curriculum else sv.MAX_OBJECTS
@@ -434,7 +477,7 @@ def main(argv=None):
         return loss, {"acc": acc}
 
     t2 = run_stage("stage2", [{"params": list(proj.parameters()) + list(lm.parameters()) + list(head.parameters()),
-                               "lr": args.lr2}], args.steps2, 150, step2, 50, evaluate, args.eval_every)
+                               "lr": args.lr2}], args.steps2, args.warmup2, step2, 50, evaluate, args.eval_every)
     summary["stage2"] = dict(steps=args.steps2, seconds=round(t2, 1), batch=args.batch, per_image=args.per_image,
                              curriculum=args.curriculum)
     evaluate("stage2")
