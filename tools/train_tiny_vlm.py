@@ -1,0 +1,546 @@
+#!/usr/bin/env python3
+"""Train a tiny LLaVA-style VLM (transformers LlavaForConditionalGeneration) on pyvtrim.synthvqa, on CPU or CUDA.
+
+    python tools/train_tiny_vlm.py --out-dir runs/tiny --seed 0            # train, save HF dir + summary JSON
+    python tools/train_tiny_vlm.py --out-dir runs/tiny --gguf pyvtrim/data/tiny-llava-synthvqa-f16.gguf
+
+The model: a CLIP ViT (96 px, 8 px patches: 144 patches + CLS, width 128, 4 layers) -> LLaVA's 2-layer GELU
+projector -> a Llama decoder (width 128, 4 layers, 4 heads) with the real Llama-2 vocabulary and tokenizer
+(rebuilt from the pinned llama.cpp archive, as tests/fixtures.py does), "<image>" = 32000, "<pad>" = 32001.
+Prompts are LLaVA-1.5's ("USER: <image>\\n<question> ASSISTANT:"); the answer is one token.
+
+Staged recipe (end-to-end training from one answer token per example does not learn on this CPU budget; see
+/work/shared/notes/tiny-vlm-training.md):
+  1. the vision tower alone, with a dense per-patch objective from the generator's masks (colour, shape, size
+     of the object under each patch, whether an object's centre is there, the patch's row and column);
+  2. projector + decoder on the questions, tower frozen (answer-only loss);
+  3. a short joint fine-tune of everything (answer loss + the dense loss, tower at a lower learning rate).
+AdamW, linear warm-up + cosine decay per stage. Held-out accuracy is measured on a different generator seed.
+The summary JSON (``<out-dir>/train_summary.json``) records the seeds, steps, times and accuracies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # fixtures: the Llama-2 tokenizer.model rebuilt from the archive
+
+from pyvtrim import synthvqa as sv  # noqa: E402
+
+IMAGE_TOKEN_ID = 32000
+PAD_TOKEN_ID = 32001
+PADDED_VOCAB = 32064
+PATCH = 8
+N_PATCHES = (sv.IMAGE_SIZE // PATCH) ** 2
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+DEFAULTS = dict(vision_hidden=128, vision_ff=384, vision_layers=3, vision_heads=4,
+                text_hidden=128, text_ff=256, text_layers=4, text_heads=4, text_kv_heads=4)
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model and its tokenizer
+# ------------------------------------------------------------------------------------------------
+
+
+def build_model(hp: dict):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tc = LlamaConfig(hidden_size=hp["text_hidden"], intermediate_size=hp["text_ff"],
+                     num_hidden_layers=hp["text_layers"], num_attention_heads=hp["text_heads"],
+                     num_key_value_heads=hp["text_kv_heads"], max_position_embeddings=512, rms_norm_eps=1e-5,
+                     rope_theta=10000.0, vocab_size=PADDED_VOCAB, tie_word_embeddings=False,
+                     pad_token_id=PAD_TOKEN_ID, bos_token_id=1, eos_token_id=2)
+    vc = CLIPVisionConfig(hidden_size=hp["vision_hidden"], intermediate_size=hp["vision_ff"],
+                          num_hidden_layers=hp["vision_layers"], num_attention_heads=hp["vision_heads"],
+                          image_size=sv.IMAGE_SIZE, patch_size=PATCH, hidden_act="quick_gelu",
+                          projection_dim=hp["text_hidden"])
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-1,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                      image_seq_length=N_PATCHES, tie_word_embeddings=False, pad_token_id=PAD_TOKEN_ID)
+    return LlavaForConditionalGeneration(cfg)
+
+
+def save_tokenizer_and_preprocessor(out_dir: Path) -> None:
+    import fixtures
+
+    fixtures._save_tokenizer(out_dir, fixtures.spm_tokenizer_model())
+    fixtures._save_preprocessor(out_dir, dict(image_size=sv.IMAGE_SIZE, patch_size=PATCH, do_pad=False,
+                                              vision_feature_select_strategy="default"))
+
+
+class Prompts:
+    """Token ids of LLaVA prompts, with <image> expanded to the 144 image tokens (cached per question)."""
+
+    def __init__(self, tok):
+        self.tok, self.cache = tok, {}
+        self.answer_ids = {}
+        for w in sv.ANSWER_WORDS:
+            i = tok.convert_tokens_to_ids("\u2581" + w)
+            assert isinstance(i, int) and i != tok.unk_token_id, w
+            self.answer_ids[w] = i
+
+    def turn_ids(self, question: str):
+        """A later turn of the same conversation: " USER: <question> ASSISTANT:" (no BOS)."""
+        key = ("turn", question)
+        if key not in self.cache:
+            self.cache[key] = self.tok(f"USER: {question} ASSISTANT:", add_special_tokens=False)["input_ids"]
+        return self.cache[key]
+
+    def packed(self, qs):
+        """One image, several questions as turns: the ids and the positions whose logits give each answer."""
+        ids, where = list(self.ids(qs[0].text)), []
+        for k, q in enumerate(qs):
+            if k:
+                ids += self.turn_ids(q.text)
+            where.append(len(ids) - 1)
+            ids.append(self.answer_ids[q.answer])
+        return ids, where
+
+    def ids(self, question: str):
+        if question not in self.cache:
+            ids = self.tok(sv.prompt(question))["input_ids"]
+            assert ids.count(IMAGE_TOKEN_ID) == 1 and ids[0] == 1, ids
+            k = ids.index(IMAGE_TOKEN_ID)
+            self.cache[question] = ids[:k] + [IMAGE_TOKEN_ID] * N_PATCHES + ids[k + 1:]
+        return self.cache[question]
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> CLIP-normalised float32 [B, 3, H, W] (the images are already 96 x 96)."""
+    x = images.astype(np.float32) / 255.0
+    x = (x - CLIP_MEAN) / CLIP_STD
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+class Pool:
+    """A fixed set of training scenes (images, per-patch labels), questions drawn afresh each time."""
+
+    def __init__(self, seed: int, n: int, cache: Path = None):
+        self.seed, self.n = seed, n
+        f = cache / f"pool-{seed}-{n}.pkl" if cache else None
+        if f is not None and f.is_file():
+            with open(f, "rb") as fh:
+                self.images, self.labels, self.objects = pickle.load(fh)
+        else:
+            imgs, labs, objs = [], [], []
+            for i in range(n):
+                s = sv.sample(seed, i)
+                lab = sv.patch_labels(s, PATCH)
+                g = sv.IMAGE_SIZE // PATCH
+                row, col = np.divmod(np.arange(N_PATCHES), g)
+                imgs.append(s.image)
+                labs.append(np.stack([lab.colour, lab.shape, lab.size, lab.centre, row, col]))
+                objs.append(s.objects)
+            self.images, self.labels = np.stack(imgs), np.stack(labs).astype(np.int8)
+            self.objects = objs
+            if f is not None:
+                f.parent.mkdir(parents=True, exist_ok=True)
+                with open(f, "wb") as fh:
+                    pickle.dump((self.images, self.labels, self.objects), fh)
+        self.rng = np.random.default_rng([seed, 99])
+
+    def scene(self, i: int) -> sv.Scene:
+        return sv.Scene(self.seed, i, self.images[i], self.objects[i], np.zeros((1, 1), np.int16))
+
+    def batch_images(self, b: int):
+        idx = self.rng.integers(0, self.n, b)
+        return idx, normalize(self.images[idx]), self.labels[idx].astype(np.int64)
+
+    def batch_groups(self, b: int, per: int, max_objects: int = sv.MAX_OBJECTS):
+        """b scenes with `per` questions each (as turns of one conversation)."""
+        idx = []
+        while len(idx) < b:
+            i = int(self.rng.integers(0, self.n))
+            if len(self.objects[i]) <= max_objects:
+                idx.append(i)
+        idx = np.array(idx)
+        groups = [sv.questions(self.scene(int(i)), per, seed=int(self.rng.integers(1 << 30))) for i in idx]
+        return idx, normalize(self.images[idx]), groups
+
+    def batch_questions(self, b: int, prompts: Prompts, max_objects: int = sv.MAX_OBJECTS):
+        idx = []
+        while len(idx) < b:
+            i = int(self.rng.integers(0, self.n))
+            if len(self.objects[i]) <= max_objects:
+                idx.append(i)
+        idx = np.array(idx)
+        qs = [sv.questions(self.scene(int(i)), 1, seed=int(self.rng.integers(1 << 30)))[0] for i in idx]
+        return idx, normalize(self.images[idx]), qs
+
+
+def eval_set(seed: int, n: int):
+    """n held-out (scene, question) pairs: one question per scene, scenes of the given seed."""
+    out = []
+    for i in range(n):
+        s = sv.sample(seed, i)
+        out.append((s, sv.questions(s, 1)[0]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward passes (the same arithmetic as LlavaModel with vision_feature_layer=-1, "default" select)
+# ------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, model, prompts: Prompts, device):
+        import torch
+
+        self.torch, self.model, self.prompts, self.device = torch, model, prompts, device
+        self.core = model.model
+        def heads(d):
+            return torch.nn.ModuleDict({
+                "colour": torch.nn.Linear(d, sv.N_COLOUR_CLASSES), "shape": torch.nn.Linear(d, sv.N_SHAPE_CLASSES),
+                "size": torch.nn.Linear(d, sv.N_SIZE_CLASSES), "centre": torch.nn.Linear(d, 2),
+                "row": torch.nn.Linear(d, 12), "col": torch.nn.Linear(d, 12)}).to(device)
+
+        self.heads = heads(model.config.vision_config.hidden_size)
+        self.proj_heads = heads(model.config.text_config.hidden_size)  # on the projector's output (stage 1b)
+
+    def vision_features(self, pixels):
+        out = self.core.vision_tower(pixels, output_hidden_states=True)
+        return out.hidden_states[-1][:, 1:]
+
+    def dense_loss(self, feats, labels, heads=None):
+        F = self.torch.nn.functional
+        heads = self.heads if heads is None else heads
+        loss, accs = 0.0, {}
+        for j, name in enumerate(("colour", "shape", "size", "centre", "row", "col")):
+            logits = heads[name](feats)
+            y = labels[:, j]
+            w = None
+            if name == "centre":
+                w = self.torch.tensor([1.0, 10.0], device=feats.device)
+            loss = loss + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), weight=w)
+            if name in ("colour", "shape"):
+                fg = y > 0
+                accs[name] = float((logits.argmax(-1)[fg] == y[fg]).float().mean()) if fg.any() else 1.0
+        return loss, accs
+
+    def answer_logits(self, feats, questions):
+        torch = self.torch
+        seqs = [self.prompts.ids(q.text) for q in questions]
+        T = max(map(len, seqs))
+        ids = torch.full((len(seqs), T), PAD_TOKEN_ID, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, :len(s)] = torch.tensor(s)
+        ids = ids.to(self.device)
+        last = torch.tensor([len(s) - 1 for s in seqs], device=self.device)
+        lm = self.core.language_model
+        emb = lm.embed_tokens(ids)
+        img = self.core.multi_modal_projector(feats)
+        emb = emb.masked_scatter((ids == IMAGE_TOKEN_ID).unsqueeze(-1), img.to(emb.dtype))
+        h = lm(inputs_embeds=emb, use_cache=False).last_hidden_state
+        h = h[torch.arange(len(seqs), device=self.device), last]
+        return self.model.lm_head(h)
+
+    def packed_logits(self, feats, groups):
+        """groups[b]: the questions about image b, asked one after another in one sequence (teacher-forced
+        answers); the logits of each answer position, in order."""
+        torch = self.torch
+        packs = [self.prompts.packed(g) for g in groups]
+        T = max(len(p[0]) for p in packs)
+        ids = torch.full((len(packs), T), PAD_TOKEN_ID, dtype=torch.long)
+        rows, cols = [], []
+        for b, (s, where) in enumerate(packs):
+            ids[b, :len(s)] = torch.tensor(s)
+            rows += [b] * len(where)
+            cols += where
+        ids = ids.to(self.device)
+        lm = self.core.language_model
+        emb = lm.embed_tokens(ids)
+        img = self.core.multi_modal_projector(feats)
+        emb = emb.masked_scatter((ids == IMAGE_TOKEN_ID).unsqueeze(-1), img.to(emb.dtype))
+        h = lm(inputs_embeds=emb, use_cache=False).last_hidden_state
+        h = h[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
+        return self.model.lm_head(h)
+
+    def answer_loss(self, logits, questions):
+        y = self.torch.tensor([self.prompts.answer_ids[q.answer] for q in questions], device=self.device)
+        loss = self.torch.nn.functional.cross_entropy(logits.float(), y)
+        acc = float((logits.argmax(-1) == y).float().mean())
+        return loss, acc
+
+    def predict(self, images: np.ndarray, questions, batch: int = 64):
+        """Argmax answer ids for uint8 images [B, H, W, 3] and their questions."""
+        torch = self.torch
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(questions), batch):
+                px = torch.from_numpy(normalize(images[i:i + batch])).to(self.device)
+                logits = self.answer_logits(self.vision_features(px), questions[i:i + batch])
+                out.extend(logits.argmax(-1).tolist())
+        return out
+
+    def evaluate(self, ev, blank: bool = False):
+        images = np.stack([sv.blank_image() if blank else s.image for s, _ in ev])
+        qs = [q for _, q in ev]
+        pred = self.predict(images, qs)
+        ok = [p == self.prompts.answer_ids[q.answer] for p, q in zip(pred, qs)]
+        by_kind = {}
+        for (_, q), c in zip(ev, ok):
+            by_kind.setdefault(q.kind, []).append(c)
+        return float(np.mean(ok)), {k: round(float(np.mean(v)), 4) for k, v in sorted(by_kind.items())}
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def run_stage(name, params_groups, steps, warmup, step_fn, log_every, evaluate=None, eval_every=0):
+    import torch
+
+    opt = torch.optim.AdamW(params_groups, weight_decay=0.01, betas=(0.9, 0.98))
+    peaks = [g["lr"] for g in opt.param_groups]
+    t0, hist = time.time(), []
+    for step in range(steps):
+        for g, peak in zip(opt.param_groups, peaks):
+            g["lr"] = lr_at(step, steps, warmup, peak)
+        loss, info = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        hist.append((float(loss.detach()), info))
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            recent = hist[-log_every:]
+            keys = recent[-1][1].keys()
+            avg = {k: round(float(np.mean([h[1][k] for h in recent])), 3) for k in keys}
+            log(f"{name} step {step + 1}/{steps} loss {np.mean([h[0] for h in recent]):.4f} {avg} "
+                f"({(time.time() - t0) / (step + 1):.2f} s/step)")
+        if evaluate and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            evaluate(f"{name}@{step + 1}")
+    return time.time() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out-dir", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (weights, data)")
+    ap.add_argument("--eval-seed", type=int, default=1000, help="generator seed of the held-out questions")
+    ap.add_argument("--n-eval", type=int, default=600)
+    ap.add_argument("--pool", type=int, default=16000, help="training scenes")
+    ap.add_argument("--steps1", type=int, default=600)
+    ap.add_argument("--steps2", type=int, default=1200)
+    ap.add_argument("--steps3", type=int, default=300)
+    ap.add_argument("--batch1", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16, help="images per stage-2/3 step")
+    ap.add_argument("--per-image", type=int, default=6, help="questions per image (turns of one sequence)")
+    ap.add_argument("--lr1", type=float, default=2e-3)
+    ap.add_argument("--lr2", type=float, default=2e-3)
+    ap.add_argument("--lr3", type=float, default=5e-4)
+    ap.add_argument("--curriculum", type=int, default=200, help="stage-2 steps on scenes of <= 3 objects")
+    ap.add_argument("--eval-every", type=int, default=400)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--resume-stage1", type=Path, default=None, help="a stage-1 checkpoint (vision tower) to reuse")
+    ap.add_argument("--init-from", type=Path, default=None, help="start from a saved model directory (continue)")
+    ap.add_argument("--warmup2", type=int, default=150)
+    ap.add_argument("--steps1b", type=int, default=100, help="projector-only dense steps")
+    ap.add_argument("--center", type=int, default=1, help="centre the projector output after stage 1b")
+    ap.add_argument("--only-stage1", action="store_true", help="stop after stage 1 (saves stage1.pt)")
+    ap.add_argument("--gguf", type=Path, default=None, help="also convert the result to this GGUF")
+    ap.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0"))
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    out = args.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    torch.manual_seed(args.seed)
+    hp = dict(DEFAULTS)
+    model = build_model(hp).to(device)
+    save_tokenizer_and_preprocessor(out)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    prompts = Prompts(tok)
+    trainer = Trainer(model, prompts, device)
+    log(f"device {device}; params {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; building the pool")
+    pool = Pool(args.seed, args.pool, cache=out.parent / "pool-cache")
+    ev = eval_set(args.eval_seed, args.n_eval)
+    log(f"pool of {args.pool} scenes, {len(ev)} held-out questions (seed {args.eval_seed})")
+    summary = dict(seed=args.seed, eval_seed=args.eval_seed, n_eval=args.n_eval, pool=args.pool, device=str(device),
+                   threads=args.threads, hparams=hp, args={k: str(v) for k, v in vars(args).items()}, evals={})
+
+    def evaluate(tag):
+        model.eval()
+        acc, kinds = trainer.evaluate(ev)
+        model.train()
+        summary["evals"][tag] = dict(accuracy=round(acc, 4), by_kind=kinds)
+        log(f"eval {tag}: held-out accuracy {acc:.4f} {kinds}")
+        return acc
+
+    vt = model.model.vision_tower
+    proj, lm, head = model.model.multi_modal_projector, model.model.language_model, model.lm_head
+    model.train()
+
+    # Stage 1: the vision tower on the dense per-patch objective.
+    def step1(step):
+        _, px, lab = pool.batch_images(args.batch1)
+        feats = trainer.vision_features(torch.from_numpy(px).to(device))
+        return trainer.dense_loss(feats, torch.from_numpy(lab).to(device))
+
+    t1 = 0.0
+    if args.init_from:  # continue from a saved model (the stage-1 file then gives the dense heads only)
+        from transformers import LlavaForConditionalGeneration
+
+        prev = LlavaForConditionalGeneration.from_pretrained(str(args.init_from))
+        model.load_state_dict(prev.state_dict())
+        del prev
+        prev_summary = args.init_from / "train_summary.json"
+        if prev_summary.is_file():
+            summary["continued_from"] = json.loads(prev_summary.read_text())
+        log(f"weights from {args.init_from}")
+    if args.resume_stage1:
+        sd = torch.load(args.resume_stage1, map_location=device)
+        if not args.init_from:
+            vt.load_state_dict(sd["tower"])
+        trainer.heads.load_state_dict(sd["heads"])
+        log(f"stage 1 from {args.resume_stage1} (steps {sd.get('steps')}, {sd.get('seconds')} s); "
+            f"{args.steps1} more steps")
+        summary["stage1_resumed"] = dict(path=str(args.resume_stage1), steps=sd.get("steps"),
+                                         seconds=sd.get("seconds"))
+    if args.steps1 > 0:
+        t1 = run_stage("stage1", [{"params": list(vt.parameters()) + list(trainer.heads.parameters()),
+                                   "lr": args.lr1}], args.steps1, min(100, args.steps1 // 5 + 1), step1, 50)
+        prev = summary.get("stage1_resumed", {})
+        torch.save({"tower": vt.state_dict(), "heads": trainer.heads.state_dict(),
+                    "steps": (prev.get("steps") or 0) + args.steps1, "seconds": (prev.get("seconds") or 0) + t1},
+                   out / "stage1.pt")
+        if args.only_stage1:
+            return 0
+    summary["stage1"] = dict(steps=args.steps1, seconds=round(t1, 1), batch=args.batch1)
+
+    # Stage 1b: the projector alone on the same dense objective (tower frozen), then centred: the image
+    # tokens the decoder sees carry the per-patch facts linearly and share no large common component.
+    for p in vt.parameters():
+        p.requires_grad_(False)
+
+    def step1b(step):
+        _, px, lab = pool.batch_images(args.batch1)
+        with torch.no_grad():
+            feats = trainer.vision_features(torch.from_numpy(px).to(device))
+        return trainer.dense_loss(proj(feats), torch.from_numpy(lab).to(device), trainer.proj_heads)
+
+    t1b = 0.0
+    if args.steps1b > 0 and not args.init_from:
+        t1b = run_stage("stage1b", [{"params": list(proj.parameters()) + list(trainer.proj_heads.parameters()),
+                                    "lr": args.lr1}], args.steps1b, 20, step1b, 25)
+    if args.center and not args.init_from:
+        with torch.no_grad():
+            _, px, _ = pool.batch_images(64)
+            y = proj(trainer.vision_features(torch.from_numpy(px).to(device))).reshape(-1, proj.linear_2.out_features)
+            mu = y.mean(0)
+            ratio = float(mu.norm() / y.sub(mu).pow(2).sum(-1).mean().sqrt())
+            proj.linear_2.bias.sub_(mu)
+        log(f"projector output centred: |mean| / rms deviation was {ratio:.3f}")
+        summary["projector_mean_to_spread_before_centring"] = round(ratio, 4)
+    summary["stage1b"] = dict(steps=args.steps1b if not args.init_from else 0, seconds=round(t1b, 1))
+
+    # Stage 2: projector + decoder on the questions, tower frozen.
+
+    def step2(step):
+        mo = 3 if step < args.curriculum else sv.MAX_OBJECTS
+        _, px, groups = pool.batch_groups(args.batch, args.per_image, max_objects=mo)
+        with torch.no_grad():
+            feats = trainer.vision_features(torch.from_numpy(px).to(device))
+        qs = [q for g in groups for q in g]
+        loss, acc = trainer.answer_loss(trainer.packed_logits(feats, groups), qs)
+        return loss, {"acc": acc}
+
+    t2 = run_stage("stage2", [{"params": list(proj.parameters()) + list(lm.parameters()) + list(head.parameters()),
+                               "lr": args.lr2}], args.steps2, args.warmup2, step2, 50, evaluate, args.eval_every)
+    summary["stage2"] = dict(steps=args.steps2, seconds=round(t2, 1), batch=args.batch, per_image=args.per_image,
+                             curriculum=args.curriculum)
+    evaluate("stage2")
+    model.save_pretrained(str(out), safe_serialization=True)  # a usable checkpoint if stage 3 is cut short
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+
+    # Stage 3: joint fine-tune (answer loss + dense loss), tower at a tenth of the rate.
+    for p in vt.parameters():
+        p.requires_grad_(True)
+
+    def step3(step):
+        idx, px, groups = pool.batch_groups(args.batch, args.per_image)
+        feats = trainer.vision_features(torch.from_numpy(px).to(device))
+        qs = [q for g in groups for q in g]
+        loss, acc = trainer.answer_loss(trainer.packed_logits(feats, groups), qs)
+        dl, _ = trainer.dense_loss(feats, torch.from_numpy(pool.labels[idx].astype(np.int64)).to(device))
+        return loss + 0.1 * dl, {"acc": acc}
+
+    t3 = 0.0
+    if args.steps3 > 0:
+        t3 = run_stage("stage3", [
+            {"params": list(vt.parameters()) + list(trainer.heads.parameters()), "lr": args.lr3 * 0.1},
+            {"params": list(proj.parameters()) + list(lm.parameters()) + list(head.parameters()), "lr": args.lr3}],
+            args.steps3, 30, step3, 50)
+    summary["stage3"] = dict(steps=args.steps3, seconds=round(t3, 1), batch=args.batch, per_image=args.per_image)
+
+    model.eval()
+    acc = evaluate("final")
+    blank_acc, blank_kinds = trainer.evaluate(ev, blank=True)
+    summary.update(final_accuracy=round(acc, 4), blank_image_accuracy=round(blank_acc, 4),
+                   blank_by_kind=blank_kinds, **baselines(pool, ev, prompts))
+    summary["train_seconds"] = round(time.time() - t_start, 1)
+    log(f"final {acc:.4f}; blank image {blank_acc:.4f}; majority {summary['majority_accuracy']:.4f}; "
+        f"per-question majority {summary['question_majority_accuracy']:.4f}")
+
+    model.save_pretrained(str(out), safe_serialization=True)
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if args.gguf:
+        from pyvtrim.conversion import convert
+
+        args.gguf.parent.mkdir(parents=True, exist_ok=True)
+        convert(out, args.gguf, outtype=args.outtype)
+        log(f"wrote {args.gguf} ({args.gguf.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def baselines(pool: Pool, ev, prompts) -> dict:
+    """Accuracy of image-blind answers on the held-out set: the most frequent answer overall, and the most
+    frequent answer of each question text (both counted on training-seed questions)."""
+    from collections import Counter, defaultdict
+
+    overall, per_q = Counter(), defaultdict(Counter)
+    rng = np.random.default_rng(7)
+    for i in rng.integers(0, pool.n, 20000):
+        q = sv.questions(pool.scene(int(i)), 1, seed=int(rng.integers(1 << 30)))[0]
+        overall[q.answer] += 1
+        per_q[q.text][q.answer] += 1
+    maj = overall.most_common(1)[0][0]
+    qm = [per_q[q.text].most_common(1)[0][0] if per_q[q.text] else maj for _, q in ev]
+    return dict(majority_answer=maj,
+                majority_accuracy=round(float(np.mean([q.answer == maj for _, q in ev])), 4),
+                question_majority_accuracy=round(float(np.mean([q.answer == a for (_, q), a in zip(ev, qm)])), 4))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
