@@ -27,7 +27,7 @@ Question kinds (each drawn only when it has a well-defined answer for the scene)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -221,6 +221,15 @@ def questions(scene: Scene, n: int = 1, seed: Optional[int] = None, kinds: Seque
         q = _candidates(scene, kinds[int(rng.integers(len(kinds)))], rng)
         if q is not None:
             out.append(q)
+    return out
+
+
+def held_out(seed: int, n: int) -> List[Tuple[Scene, Question]]:
+    """n evaluation pairs: scenes 0..n-1 of `seed`, one question each (the same for training and evaluation)."""
+    out = []
+    for i in range(n):
+        scene = sample(seed, i)
+        out.append((scene, questions(scene, 1)[0]))
     return out
 
 

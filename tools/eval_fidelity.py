@@ -56,14 +56,6 @@ def wilson(k: int, n: int, z: float = 1.96):
     return [round(c - h, 4), round(c + h, 4)]
 
 
-def questions(seed: int, n: int):
-    out = []
-    for i in range(n):
-        s = sv.sample(seed, i)
-        out.append((s, sv.questions(s, 1)[0]))
-    return out
-
-
 class Runtime:
     def __init__(self, path: Path, threads: int):
         import pyvtrim
@@ -187,7 +179,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
-    qa = questions(args.seed, args.n)
+    qa = sv.held_out(args.seed, args.n)
     gold_words = [q.answer for _, q in qa]
     rt = Runtime(args.model, args.threads)
     gold = np.array([rt.answer_ids[w] for w in gold_words])

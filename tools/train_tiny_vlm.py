@@ -167,35 +167,25 @@ class Pool:
         idx = self.rng.integers(0, self.n, b)
         return idx, normalize(self.images[idx]), self.labels[idx].astype(np.int64)
 
-    def batch_groups(self, b: int, per: int, max_objects: int = sv.MAX_OBJECTS):
-        """b scenes with `per` questions each (as turns of one conversation)."""
+    def pick(self, b: int, max_objects: int) -> np.ndarray:
+        """b random scenes of the pool with at most max_objects objects (the curriculum's cap)."""
         idx = []
         while len(idx) < b:
             i = int(self.rng.integers(0, self.n))
             if len(self.objects[i]) <= max_objects:
                 idx.append(i)
-        idx = np.array(idx)
+        return np.array(idx)
+
+    def batch_groups(self, b: int, per: int, max_objects: int = sv.MAX_OBJECTS):
+        """b scenes with `per` questions each (as turns of one conversation)."""
+        idx = self.pick(b, max_objects)
         groups = [sv.questions(self.scene(int(i)), per, seed=int(self.rng.integers(1 << 30))) for i in idx]
         return idx, normalize(self.images[idx]), groups
 
     def batch_questions(self, b: int, prompts: Prompts, max_objects: int = sv.MAX_OBJECTS):
-        idx = []
-        while len(idx) < b:
-            i = int(self.rng.integers(0, self.n))
-            if len(self.objects[i]) <= max_objects:
-                idx.append(i)
-        idx = np.array(idx)
+        idx = self.pick(b, max_objects)
         qs = [sv.questions(self.scene(int(i)), 1, seed=int(self.rng.integers(1 << 30)))[0] for i in idx]
         return idx, normalize(self.images[idx]), qs
-
-
-def eval_set(seed: int, n: int):
-    """n held-out (scene, question) pairs: one question per scene, scenes of the given seed."""
-    out = []
-    for i in range(n):
-        s = sv.sample(seed, i)
-        out.append((s, sv.questions(s, 1)[0]))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,7 +375,7 @@ def main(argv=None):
     trainer = Trainer(model, prompts, device)
     log(f"device {device}; params {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; building the pool")
     pool = Pool(args.seed, args.pool, cache=out.parent / "pool-cache")
-    ev = eval_set(args.eval_seed, args.n_eval)
+    ev = sv.held_out(args.eval_seed, args.n_eval)
     log(f"pool of {args.pool} scenes, {len(ev)} held-out questions (seed {args.eval_seed})")
     summary = dict(seed=args.seed, eval_seed=args.eval_seed, n_eval=args.n_eval, pool=args.pool, device=str(device),
                    threads=args.threads, hparams=hp, args={k: str(v) for k, v in vars(args).items()}, evals={})
