@@ -11,17 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the converter, when the package is not installed
-    sys.path.append(str(REPO))
-
-import fixtures  # noqa: E402
+import fixtures
 
 
 def fixture_root() -> Path:

@@ -15,7 +15,7 @@ Configs:
   random:K:R           RANDOM pruning at FastV's budget: layers < K see every token, then int((1-R)*N) image
                        tokens chosen uniformly at random are kept (original positions), --random-seeds seeds.
                        The runtime has no random policy, so this row runs in PyTorch on the HF checkpoint
-                       (--hf-dir) with the FastV reference of the tests (tests/fastv_reference.py) given random
+                       (--hf-dir) with the FastV reference of the tests (tests/reference/fastv_reference.py) given random
                        kept rows; engine "transformers". The "fastv-ref:K:R" config runs FastV the same way, to
                        show the two engines agree.
   hf                   transformers' LlavaForConditionalGeneration unreduced (engine "transformers"); the row
@@ -35,7 +35,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "reference"))
+sys.path.insert(0, str(REPO / "tests" / "support"))
 sys.path.insert(0, str(REPO / "tools"))
 
 from pyvtrim import synthvqa as sv  # noqa: E402

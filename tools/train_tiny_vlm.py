@@ -33,7 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # fixtures: the Llama-2 tokenizer.model rebuilt from the archive
+sys.path.insert(0, str(REPO / "tests" / "support"))  # fixtures: the Llama-2 tokenizer.model rebuilt from the archive
 
 from pyvtrim import synthvqa as sv  # noqa: E402
 

@@ -32,7 +32,7 @@ FIXTURE_VERSION = 1  # bump when make_tiny_llava changes what it builds (invalid
 try:  # the converter, from the installed package or this source checkout
     import pyvtrim.conversion  # noqa: F401
 except ImportError:
-    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
 
 # The LLaVA-1.5 chat template llava-hf ships (one copy, in the converter).
 from pyvtrim.conversion.llava import LLAVA_CHAT_TEMPLATE  # noqa: E402

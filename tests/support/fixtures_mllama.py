@@ -29,7 +29,7 @@ import fixtures
 try:  # the converter, from the installed package or this source checkout
     import pyvtrim.conversion  # noqa: F401
 except ImportError:
-    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
 
 from pyvtrim.conversion.mllama import MLLAMA_CHAT_TEMPLATE  # noqa: E402
 from pyvtrim.conversion.vocab_bpe import LLAMA3_SPLIT_REGEX, llama31_special_token  # noqa: E402
