@@ -26,7 +26,8 @@ from .errors import (
     VtrimUnsupportedError,
     VtrimValueError,
 )
-from .model import Chat, Model
+from .chat import Chat
+from .model import Model
 from .reduce import FastV, TrimCrossAttn
 
 __version__ = "0.1.0"

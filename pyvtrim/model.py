@@ -1,4 +1,4 @@
-"""The Python API: Model (weights + one context) and Chat (a multi-turn conversation on a Model).
+"""The Python API: Model (weights + one context); Chat (pyvtrim/chat.py) is a conversation on a Model.
 
     with pyvtrim.Model("llava.gguf") as m:
         print(m.chat("cat.jpg", "What is on the table?"))
@@ -21,13 +21,12 @@ import functools
 import os
 import threading
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _ffi
 from .errors import (
-    ERR_BUFFER_TOO_SMALL,
     VtrimClosedError,
     VtrimContextFullError,
     VtrimStateError,
@@ -36,21 +35,18 @@ from .errors import (
     check,
     file_not_found,
 )
+from ._native import (Tokens, _Handles, _max_tokens, _Pending, _Sampler, _sized_call, _struct_to_dict,
+                      _token_array, FINISH_CONTEXT_FULL, FINISH_EOS, FINISH_LENGTH)
 from .images import ImageLike, as_image_list, native_images
 from .reduce import policies_of, stage_dict
 
+if TYPE_CHECKING:
+    from .chat import Chat
+
 Images = Union[ImageLike, Sequence[ImageLike], None]
-Tokens = Union[Sequence[int], np.ndarray]
 
 DEVICES = {"auto": 0, "cpu": 1, "gpu": 2}   # enum vtrim_device
 KV_TYPES = {"f16": 0, "f32": 1}             # enum vtrim_kv_type
-
-# Why a generation ended (Model.last_stats["finish_reason"]); None while it runs or when its stream was
-# closed or interrupted before the end.
-FINISH_EOS = "eos"                    # the model sampled an end-of-generation token
-FINISH_LENGTH = "length"              # max_tokens were generated
-FINISH_CONTEXT_FULL = "context_full"  # the KV cache (n_ctx) is full
-
 
 def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
     """Runs a Model method under the Model's lock: one native call sequence at a time, never with close()."""
@@ -59,106 +55,6 @@ def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
         with self._lock:
             return method(self, *args, **kwargs)
     return wrapper
-
-
-def _max_tokens(value: Any) -> int:
-    n = int(value)
-    if n < 0:
-        raise VtrimValueError(f"max_tokens must be >= 0, got {value}")
-    return n
-
-
-def _struct_to_dict(ffi: Any, ptr: Any) -> Dict[str, Any]:
-    """The fields of a struct (given by pointer) as a dict; char * fields become str."""
-    out: Dict[str, Any] = {}
-    for name, field in ffi.typeof(ptr).item.fields:
-        value = getattr(ptr, name)
-        if field.type.kind == "pointer":
-            value = "" if value == ffi.NULL else ffi.string(value).decode("utf-8", "replace")
-        out[name] = value
-    return out
-
-
-def _sized_call(attempt: Callable[[int], Tuple[int, int]], n_guess: int) -> int:
-    """Runs attempt(capacity) -> (rc, needed), growing the capacity once the C side says how much it
-    needs (VTRIM_ERR_BUFFER_TOO_SMALL). Returns the size written."""
-    capacity = max(1, n_guess)
-    while True:
-        rc, needed = attempt(capacity)
-        if rc == ERR_BUFFER_TOO_SMALL and needed > capacity:
-            capacity = needed
-            continue
-        check(rc)
-        return needed
-
-
-def _token_array(tokens: Tokens) -> np.ndarray:
-    try:
-        arr = np.ascontiguousarray(tokens, dtype=np.int32)
-    except (OverflowError, TypeError, ValueError) as e:
-        raise VtrimValueError(f"tokens must be a sequence of int32 token ids: {e}") from e
-    if arr.ndim != 1:
-        raise VtrimValueError(f"tokens must be one-dimensional, got shape {arr.shape}")
-    return arr
-
-
-class _Handles:
-    """The native pointers of a Model, freed once (by close() or by the garbage collector)."""
-
-    __slots__ = ("lib", "model", "ctx")
-
-    def __init__(self, lib: Any) -> None:
-        self.lib = lib
-        self.model: Any = None
-        self.ctx: Any = None
-
-    def free(self) -> None:
-        if self.ctx is not None:
-            self.lib.vtrim_context_free(self.ctx)
-            self.ctx = None
-        if self.model is not None:
-            self.lib.vtrim_model_free(self.model)
-            self.model = None
-
-
-class _Sampler:
-    """A native sampler; its parameters are checked by vtrim_sampler_init (ValueError when invalid)."""
-
-    def __init__(self, temperature: float, top_k: int, top_p: float, seed: int) -> None:
-        ffi, lib = _ffi.get()[:2]
-        if not 0 <= int(seed) < 2**64:
-            raise VtrimValueError(f"seed must be in [0, 2**64), got {seed}")
-        p = ffi.new("struct vtrim_sampler_params *")
-        lib.vtrim_sampler_params_default(p)
-        p.temperature = float(temperature)
-        p.top_k = int(top_k)
-        p.top_p = float(top_p)
-        p.seed = int(seed)
-        out = ffi.new("struct vtrim_sampler **")
-        check(lib.vtrim_sampler_init(p, out))
-        self._lib = lib
-        self._out = ffi.new("int32_t *")
-        self._handle = out[0]
-        self._finalizer = weakref.finalize(self, lib.vtrim_sampler_free, out[0])
-
-    def sample(self, ctx: Any) -> int:
-        check(self._lib.vtrim_sampler_sample(self._handle, ctx, self._out))
-        return int(self._out[0])
-
-    def close(self) -> None:
-        self._finalizer()
-
-
-class _Pending:
-    """Tokens sampled but not yet in the KV cache (the last reply token, or the EOG that ended it).
-    A Chat prefills them at the start of its next turn."""
-
-    __slots__ = ("tokens", "decoded", "broken")
-
-    def __init__(self) -> None:
-        self.tokens: List[int] = []
-        self.decoded: List[int] = []
-        self.broken = False  # an exception inside the generation: the KV cache may hold more than `decoded`
 
 
 class Model:
@@ -657,146 +553,6 @@ class Model:
 
     def start_chat(self, **sampling: Any) -> "Chat":
         """A multi-turn conversation on this Model; see Chat."""
+        from .chat import Chat  # noqa: F811  (chat.py builds on Model: imported here, not at module level)
+
         return Chat(self, **sampling)
-
-
-class _Turn:
-    """One user turn of a Chat and its reply, enough to rebuild the conversation without older turns."""
-
-    __slots__ = ("text", "images", "reply", "sep")
-
-    def __init__(self, text: str, images: List[ImageLike]) -> None:
-        self.text = text                # the formatted user turn (vtrim_chat_format)
-        self.images = images
-        self.reply: List[int] = []      # the reply tokens in the KV cache
-        self.sep: List[int] = []        # what closes the reply before the next turn (its EOG, or EOS)
-
-
-class Chat:
-    """A conversation that keeps its sequence in the Model's context across turns.
-
-    Each ask() formats one user turn with vtrim_chat_format (the C side owns the template) and prefills
-    only the new tokens: the first turn starts with BOS; a later turn starts with the token that ended
-    the previous reply (the EOG the model sampled, or EOS when the reply hit max_tokens), as the
-    conversation format separates turns ("... ASSISTANT: answer</s>USER: ..." for LLaVA-1.5).
-    If something else used the Model in between (forward, generate, chat), the next turn rebuilds the
-    whole conversation in one prefill.
-
-    When a new turn does not fit in the free part of n_ctx, the oldest turns (with their images) are
-    dropped from the context until it fits, and the conversation is prefilled again from the first
-    turn kept; `turns_dropped` counts them (`history` keeps every turn). A turn that does not fit even
-    alone raises VtrimContextFullError and the Chat stays usable. A reply cut by the full context has
-    last_stats["finish_reason"] == "context_full".
-    """
-
-    def __init__(self, model: Model, *, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 40,
-                 top_p: float = 0.95, seed: int = 0, reduce: Any = None) -> None:
-        self.model = model
-        self.max_tokens = _max_tokens(max_tokens)
-        self.history: List[Tuple[str, str]] = []
-        self.turns_dropped = 0
-        self._reduce = reduce
-        self._sampler = _Sampler(temperature, top_k, top_p, seed)
-        model._apply_reduce(reduce)
-        self._turns: List[_Turn] = []     # the turns in the KV cache
-        self._tokens: List[int] = []      # the conversation's tokens in the KV cache
-        self._images: List[ImageLike] = []
-        self._pending = _Pending()
-        self._seq_id: Optional[int] = None
-        self._stream: Optional[Iterator[str]] = None
-        self._done: Optional[Callable[[str], None]] = None
-
-    def ask(self, question: str, image: Optional[ImageLike] = None, *, stream: bool = False,
-            max_tokens: Optional[int] = None) -> Union[str, Iterator[str]]:
-        """The model's answer to the next user turn (with an optional image); stream as in Model.chat."""
-        m = self.model
-        n = self.max_tokens if max_tokens is None else _max_tokens(max_tokens)
-        with m._lock:
-            self._finish_stream()
-            images = as_image_list(image)
-            turn = _Turn(m.chat_prompt(question, len(images)), images)
-            if self._turns:
-                sep = list(self._pending.tokens)
-                if not (sep and m.is_eog(sep[-1])):
-                    sep.append(int(m.info["eos_token_id"]))
-                self._turns[-1].sep = sep
-            try:
-                if self._turns and self._seq_id == m._seq_id:
-                    new = self._turns[-1].sep + m.tokenize(turn.text, add_special=False)
-                    try:
-                        m._prefill(new, images)
-                        self._tokens += new
-                        self._images += images
-                    except VtrimContextFullError:
-                        self._rebuild(turn)
-                else:
-                    self._rebuild(turn)
-                self._turns.append(turn)
-            except BaseException:  # an error or Ctrl-C: what the KV cache holds is not known for sure
-                self._seq_id = None
-                raise
-            self._seq_id = m._seq_id
-
-            pending = self._pending = _Pending()
-
-            def done(answer: str) -> None:
-                turn.reply = list(pending.decoded)
-                self._tokens += pending.decoded
-                self.history.append((question, answer))
-                if pending.broken:  # the KV cache may not be what was recorded: rebuild at the next turn
-                    self._seq_id = None
-                self._done = None
-
-            self._done = done
-            pieces = m._text_pieces(m._sample_tokens(self._sampler, n, pending), on_done=done)
-            if not stream:
-                return "".join(pieces)
-            self._stream = pieces
-            return pieces
-
-    def _conversation(self, turns: List[_Turn]) -> Tuple[List[int], List[ImageLike]]:
-        m = self.model
-        tokens: List[int] = []
-        images: List[ImageLike] = []
-        for i, t in enumerate(turns):
-            tokens += m.tokenize(t.text, add_special=(i == 0)) + t.reply + (t.sep if i + 1 < len(turns) else [])
-            images += t.images
-        return tokens, images
-
-    def _rebuild(self, turn: _Turn) -> None:
-        """A fresh sequence with the kept turns and `turn`, dropping the oldest turns while it does not fit."""
-        m = self.model
-        for drop in range(len(self._turns) + 1):
-            kept = self._turns[drop:]
-            tokens, images = self._conversation(kept + [turn])
-            m._apply_reduce(self._reduce)
-            m._reset()
-            try:
-                m._prefill(tokens, images)
-            except VtrimContextFullError:
-                if drop < len(self._turns):
-                    continue
-                self._seq_id = None  # the sequence is gone; the next turn rebuilds what is kept
-                raise
-            self.turns_dropped += drop
-            self._turns = kept
-            self._tokens, self._images = tokens, images
-            return
-
-    def _finish_stream(self) -> None:
-        """Ends the previous turn's stream if it was not read to the end (its reply stays as far as read)."""
-        stream, done, self._stream = self._stream, self._done, None
-        if stream is not None:
-            stream.close()  # runs its `finally` (and `done`) if it had started
-        if self._done is not None and done is not None:
-            done("")
-
-    def close(self) -> None:
-        self._finish_stream()
-        self._sampler.close()
-
-    def __enter__(self) -> "Chat":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
