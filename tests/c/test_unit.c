@@ -2,6 +2,7 @@
 // list and the methods' apply, and (with VTRIM_UNIT_GGML, built by CMake against ggml) the KV cache's
 // position bookkeeping, truncation and per-head compaction. tests/test_c_unit.py runs them.
 #include "kv/mask.h"
+#include "reduce/ficoco.h"
 #include "reduce/reduce.h"
 #include "runtime/sampling.h"
 #include "vtrim.h"
@@ -114,7 +115,8 @@ static void test_policy_list(void) {
     int32_t order[8];
     CHECK(vtrim_policy_list_order(&l, VTRIM_HOOK_VISION_ENCODER, order) == 6);
     for (int i = 0; i < 6; i++) {
-        CHECK(order[i] == i && l.items[i].layer == i + 1);
+        CHECK(order[i] == i && l.items[i].layer == i + 1 && l.items[i].n_steps == 1 &&
+              l.items[i].step_layers[0] == i + 1);
     }
     struct vtrim_trim_params t;
     vtrim_trim_default(&t);
@@ -151,6 +153,45 @@ static void test_trim_apply(void) {
                                            .group_len = len };
     CHECK(vtrim_reducer_trim.apply(&p, &in, &out) == 0);
     CHECK(out.n_kept == 2 && kept[0] == 1 && kept[1] == 4 && !out.include_hook_layer);
+}
+
+static void test_ficoco_step(void) {
+    // R = 10 over S = 4 steps: 3, 3, 2, 2
+    CHECK(vtrim_ficoco_step_drop(10, 4, 0) == 3 && vtrim_ficoco_step_drop(10, 4, 1) == 3 &&
+          vtrim_ficoco_step_drop(10, 4, 2) == 2 && vtrim_ficoco_step_drop(10, 4, 3) == 2);
+    CHECK(vtrim_ficoco_step_drop(10, 4, 4) == 0);
+
+    // 3 x 3 grid: windows {0,1,3,4}, {2,5}, {6,7}, {8}; candidates hold patches 0,1,2,4,5,8 (3, 6, 7 gone)
+    const int32_t patch[] = { 0, 1, 2, 4, 5, 8 };
+    float s[] = { 1.0f, 3.0f, -2.0f, 3.0f, -4.0f, 5.0f };
+    CHECK(vtrim_ficoco_local_penalty(s, patch, 6, 3) == 0);
+    // window {0,1,4}: the tie of 3.0 goes to the lower patch (1), doubled; {2,5}: -2 > -4, halved; {8}: alone
+    CHECK(s[0] == 1.0f && s[1] == 6.0f && s[2] == -1.0f && s[3] == 3.0f && s[4] == -4.0f && s[5] == 5.0f);
+
+    // 5 rows of which rows 1..4 are candidates; drop r = 2 by score, ties to the lower candidate
+    const int32_t cand[] = { 1, 2, 3, 4 };
+    const float score[] = { 0.5f, 0.9f, 0.1f, 0.9f };   // drops rows 2 and 4
+    float attn[5 * 5] = { 0 };
+    attn[2 * 5 + 1] = 1.0f; attn[2 * 5 + 3] = 1.0f;   // row 2: a tie between kept rows 1 and 3 -> row 1
+    attn[4 * 5 + 3] = 2.0f; attn[4 * 5 + 0] = 9.0f;   // row 4: row 0 is not a candidate, row 3 wins
+    bool keep[5] = { true, true, true, true, true };
+    int32_t src[8], dst[8];
+    float w[8];
+    struct vtrim_reduce_output out = { .merge_src = src, .merge_dst = dst, .merge_w = w, .merge_cap = 8 };
+    CHECK(vtrim_ficoco_step(cand, 4, attn, 5, score, 2, 0.998f, keep, &out) == 0);
+    CHECK(keep[0] && keep[1] && !keep[2] && keep[3] && !keep[4]);
+    CHECK(out.n_merge == 2 && src[0] == 2 && dst[0] == 1 && w[0] == 1.0f && src[1] == 4 && dst[1] == 3);
+
+    // eps = 0: m = n_kept, weights a softmax over the kept rows' logits
+    bool keep2[5] = { true, true, true, true, true };
+    out.n_merge = 0;
+    CHECK(vtrim_ficoco_step(cand, 4, attn, 5, score, 2, 0.0f, keep2, &out) == 0);
+    CHECK(out.n_merge == 4 && src[2] == 4 && dst[2] == 3 && dst[3] == 1);
+    CHECK(fabsf(w[2] - 1.0f / (1.0f + expf(-2.0f))) < 1e-6f && fabsf(w[2] + w[3] - 1.0f) < 1e-6f);
+    out.n_merge = 0;
+    out.merge_cap = 3;                                   // 4 merges do not fit
+    CHECK(vtrim_ficoco_step(cand, 4, attn, 5, score, 2, 0.0f, keep2, &out) == VTRIM_ERR_STATE);
+    CHECK(vtrim_ficoco_step(cand, 4, attn, 5, score, 4, 0.998f, keep2, &out) == VTRIM_ERR_STATE);   // r = n
 }
 
 #ifdef VTRIM_UNIT_GGML
@@ -236,6 +277,7 @@ int main(void) {
     test_policy_list();
     test_fastv_apply();
     test_trim_apply();
+    test_ficoco_step();
 #ifdef VTRIM_UNIT_GGML
     test_kv_cache();
 #endif
