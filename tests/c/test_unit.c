@@ -195,11 +195,54 @@ static void test_ficoco_step(void) {
 }
 
 #ifdef VTRIM_UNIT_GGML
+#include "attn_probe.h"
 #include "kv/kv_cache.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+
+// The head-mean logit matrix against the arithmetic, with GQA (4 query heads over 2 KV heads).
+static void test_logits_head_mean(void) {
+    ggml_backend_t cpu = ggml_backend_cpu_init();
+    enum { HD = 3, NH = 4, NKV = 2, NQ = 5, NK = 6 };
+    float q[NQ][NH][HD], k[NK][NKV][HD];
+    for (int i = 0; i < NQ * NH * HD; i++) {
+        (&q[0][0][0])[i] = (float) ((i * 37) % 11) / 7.0f - 0.6f;
+    }
+    for (int i = 0; i < NK * NKV * HD; i++) {
+        (&k[0][0][0])[i] = (float) ((i * 53) % 13) / 9.0f - 0.5f;
+    }
+    struct ggml_init_params ip = { .mem_size = 32 * ggml_tensor_overhead() + ggml_graph_overhead(), .mem_buffer = NULL,
+                                   .no_alloc = true };
+    struct ggml_context * gctx = ggml_init(ip);
+    struct ggml_tensor * tq = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, HD, NH, NQ);
+    struct ggml_tensor * tk = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, HD, NKV, NK);
+    struct ggml_tensor * out = vtrim_attn_logits_head_mean(gctx, tq, tk, 0.5f);
+    struct ggml_cgraph * gf = ggml_new_graph(gctx);
+    ggml_build_forward_expand(gf, out);
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(gctx, cpu);
+    ggml_backend_tensor_set(tq, q, 0, sizeof q);
+    ggml_backend_tensor_set(tk, k, 0, sizeof k);
+    CHECK(ggml_backend_graph_compute(cpu, gf) == GGML_STATUS_SUCCESS);
+    float got[NQ][NK];
+    CHECK(out->ne[0] == NK && out->ne[1] == NQ);
+    ggml_backend_tensor_get(out, got, 0, sizeof got);
+    for (int i = 0; i < NQ; i++) {
+        for (int j = 0; j < NK; j++) {
+            double want = 0.0;
+            for (int h = 0; h < NH; h++) {
+                for (int d = 0; d < HD; d++) {
+                    want += 0.5 * q[i][h][d] * k[j][h / (NH / NKV)][d];
+                }
+            }
+            CHECK(fabs(got[i][j] - want / NH) < 1e-5);
+        }
+    }
+    ggml_backend_buffer_free(buf);
+    ggml_free(gctx);
+    ggml_backend_free(cpu);
+}
 
 // K element (channel c of row r) and V element as the test writes them.
 static float kval(int r, int c) { return (float) (r * 100 + c); }
@@ -280,6 +323,7 @@ int main(void) {
     test_ficoco_step();
 #ifdef VTRIM_UNIT_GGML
     test_kv_cache();
+    test_logits_head_mean();
 #endif
     if (g_failed) {
         fprintf(stderr, "%d check(s) failed\n", g_failed);
