@@ -47,8 +47,8 @@ cmake --build "$build" -j "${JOBS:-2}" >/dev/null
 
 seeds="$work/seeds"
 "$python" tests/fuzz/make_seeds.py "$seeds"
-data="$("$python" -c 'import pyvtrim, pathlib; print(pathlib.Path(pyvtrim.__file__).parent / "data")')"
-export VTRIM_FUZZ_VOCAB_SPM="$data/ggml-vocab-llama-spm.gguf" VTRIM_FUZZ_VOCAB_BPE="$data/ggml-vocab-llama-bpe.gguf"
+export VTRIM_FUZZ_VOCAB_SPM="$ggml_src/models/ggml-vocab-llama-spm.gguf"
+export VTRIM_FUZZ_VOCAB_BPE="$ggml_src/models/ggml-vocab-llama-bpe.gguf"
 export ASAN_OPTIONS="${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1:allocator_may_return_null=1}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
 
@@ -60,6 +60,7 @@ for t in "${targets[@]}"; do
     corpus="$work/corpus/$t"
     findings="$work/findings/$t"
     mkdir -p "$corpus" "$findings"
+    rm -f "$findings"/*
     model=""
     case "$t" in
         image|prefill|tokenize) model="$seeds/models/llava-tiny-f32.gguf" ;;
