@@ -177,6 +177,9 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
     c->img.n_images = 0;
     rc = n_images > 0 ? a->encode(c, images, n_images) : 0;
     const int64_t t1 = ggml_time_us();
+    if (rc == 0) {
+        vtrim_stage_vision_decoder(c, n_full);
+    }
     int64_t n_expanded = n_tokens;
     for (int32_t i = 0; a->image_rows_in_decoder && i < c->img.n_images; i++) {
         n_expanded += c->img.n_rows[i] - 1;
