@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=int, default=40)
     chat.add_argument("--top-p", type=float, default=0.95)
     chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--ficoco-v", metavar="N", type=_int_at_least(1), help="FiCoCo-V: merge the image's patches "
+                      "inside the vision tower down to N tokens (e.g. 64; LLaVA)")
     chat.add_argument("--fastv", metavar="K:R", help="FastV: drop the fraction R of the image tokens after layer K "
                       "(e.g. 2:0.5; LLaVA)")
     chat.add_argument("--trim", metavar="K_RATIO", type=float, help="Trimmed Llama: each head keeps its top K_RATIO "
@@ -139,9 +141,11 @@ def _print_stream(pieces: Iterable[str], out: TextIO, t_start: float) -> Optiona
 
 def reduce_of(args: argparse.Namespace) -> List[Any]:
     """The reduction policies the chat flags ask for, in the order they apply."""
-    from .reduce import FastV, TrimCrossAttn
+    from .reduce import FastV, FiCoCoV, TrimCrossAttn
 
     policies: List[Any] = []
+    if args.ficoco_v is not None:
+        policies.append(FiCoCoV(tokens=args.ficoco_v))
     if args.fastv:
         try:
             k, r = args.fastv.split(":")

@@ -17,7 +17,7 @@
 
 struct options {
     const char * model, * mmproj, * image, * prompt;
-    long n_predict, n_threads, n_ctx, top_k;
+    long n_predict, n_threads, n_ctx, top_k, ficoco_v;
     float temperature, top_p;
     unsigned long long seed;
 };
@@ -40,6 +40,8 @@ static const char * k_usage =
     "      --top-k K        top-k filter when sampling (default 40; 0: off)\n"
     "      --top-p P        top-p filter when sampling (default 0.95; 1: off)\n"
     "      --seed S         sampling seed (default 0)\n"
+    "      --ficoco-v N     FiCoCo-V: merge each image's patches inside the vision tower down to N tokens\n"
+    "                       (e.g. 64; LLaVA)\n"
     "  -h, --help           this text\n"
     "      --version        the library's version and backends\n"
     "\n"
@@ -114,6 +116,7 @@ static int parse(int argc, char ** argv, struct options * o) {
         else if (!strcmp(a, "--temp")) rc = parse_float(argv0, a, v, 0.0f, 100.0f, &o->temperature);
         else if (!strcmp(a, "--top-k")) rc = parse_long(argv0, a, v, 0, INT_MAX, &o->top_k);
         else if (!strcmp(a, "--top-p")) rc = parse_float(argv0, a, v, 0.0f, 1.0f, &o->top_p);
+        else if (!strcmp(a, "--ficoco-v")) rc = parse_long(argv0, a, v, 1, INT_MAX, &o->ficoco_v);
         else if (!strcmp(a, "--seed")) {
             char * end = NULL;
             errno = 0;
@@ -358,8 +361,13 @@ int main(int argc, char ** argv) {
 
     struct conversation conv = { 0 };
     int rc = 0;
+    struct vtrim_ficoco_v_params fv;
+    vtrim_ficoco_v_default(&fv);
+    fv.tokens = (int32_t) o.ficoco_v;
     if (vtrim_context_init(model, &cp, &ctx) != 0) {
         rc = fail("context");
+    } else if (o.ficoco_v > 0 && vtrim_reduce_add_ficoco_v(ctx, &fv) != 0) {
+        rc = fail("--ficoco-v");
     } else if (o.image && vtrim_image_from_file(o.image, &image) != 0) {
         rc = fail("image");
     } else if (vtrim_sampler_init(&sp, &smp) != 0) {
