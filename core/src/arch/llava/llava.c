@@ -247,7 +247,7 @@ static double rest_flops(const struct vtrim_clip * v, int il, double n) {
 // keeps and merges rows on the host; the next part starts with that layer's MLP half. out receives
 // [*n_rows][n_embd_text].
 static int32_t encode_one(struct vtrim_context * c, const struct vtrim_clip * v, const float * pixels, float * out,
-                          int32_t * n_rows) {
+                          int32_t * n_rows, int32_t * src) {
     const int32_t d = v->hp.n_embd, n_run = v->hp.n_layer_run, n0 = v->hp.n_patches + 1;
     int32_t n_points = 0;
     for (int32_t i = 0; i < c->policies.n; i++) {
@@ -319,6 +319,9 @@ static int32_t encode_one(struct vtrim_context * c, const struct vtrim_clip * v,
         ggml_free(gctx);
         if (rc == 0 && last) {
             *n_rows = (int32_t) cur->ne[1];
+            for (int32_t r = 0; r < *n_rows; r++) {   // the head dropped the CLS row unless it keeps it
+                src[r] = v->hp.keep_cls ? orig[r] : orig[r + 1] - 1;
+            }
         } else if (rc == 0) {
             const struct vtrim_vision_step vs = { .step = step[part], .attn = logits ? attn : NULL, .orig = orig,
                                                   .grid = v->hp.image_size / v->hp.patch_size };
@@ -357,8 +360,8 @@ static int32_t llava_encode(struct vtrim_context * c, struct vtrim_image * const
             vtrim_fail_prefix(rc, "image %d: ", i);
             break;
         }
-        rc = encode_one(c, v, pixels, c->img.embd + off, &c->img.n_rows[i]);
-        off += (size_t) c->img.n_rows[i] * n_embd;
+        rc = encode_one(c, v, pixels, c->img.embd + off * n_embd, &c->img.n_rows[i], c->img.src + off);
+        off += (size_t) c->img.n_rows[i];
     }
     c->img.n_images = rc == 0 ? n_images : 0;
     free(pixels);
