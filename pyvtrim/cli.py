@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, TextIO
+from typing import Any, Dict, Iterable, Iterator, List, Optional, TextIO, Tuple
 
 import numpy as np
 
@@ -34,6 +34,18 @@ def _int_at_least(lo: int) -> Any:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
         return value
     return parse
+
+
+def _ficoco_v_spec(text: str) -> Tuple[int, Optional[int]]:
+    """--ficoco-v N or N:START_LAYER."""
+    n, _, start = text.partition(":")
+    try:
+        tokens, layer = int(n), (int(start) if start else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N:START_LAYER, e.g. 64 or 64:12, got {text!r}") from None
+    if tokens < 1 or (layer is not None and layer < 0):
+        raise argparse.ArgumentTypeError(f"N must be >= 1 and START_LAYER >= 0, got {text!r}")
+    return tokens, layer
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-k", type=int, default=40)
     chat.add_argument("--top-p", type=float, default=0.95)
     chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--ficoco-v", metavar="N[:L]", type=_ficoco_v_spec, help="FiCoCo-V: merge each image's "
+                      "patches inside the vision tower down to N tokens, from vision layer L on (default 12; "
+                      "e.g. 64; LLaVA)")
     chat.add_argument("--fastv", metavar="K:R", help="FastV: drop the fraction R of the image tokens after layer K "
                       "(e.g. 2:0.5; LLaVA)")
     chat.add_argument("--trim", metavar="K_RATIO", type=float, help="Trimmed Llama: each head keeps its top K_RATIO "
@@ -139,9 +154,12 @@ def _print_stream(pieces: Iterable[str], out: TextIO, t_start: float) -> Optiona
 
 def reduce_of(args: argparse.Namespace) -> List[Any]:
     """The reduction policies the chat flags ask for, in the order they apply."""
-    from .reduce import FastV, TrimCrossAttn
+    from .reduce import FastV, FiCoCoV, TrimCrossAttn
 
     policies: List[Any] = []
+    if args.ficoco_v is not None:
+        tokens, layer = args.ficoco_v
+        policies.append(FiCoCoV(tokens=tokens) if layer is None else FiCoCoV(tokens=tokens, start_layer=layer))
     if args.fastv:
         try:
             k, r = args.fastv.split(":")

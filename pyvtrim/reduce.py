@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Sequence, Union
 
-__all__ = ["FastV", "TrimCrossAttn", "Policy", "policies_of"]
+__all__ = ["FastV", "TrimCrossAttn", "FiCoCoV", "Policy", "policies_of"]
 
 _FASTV_SCORES = {"last": 0, "mean": 1}
 _TRIM_MODES = {"union": 0, "budget": 1}
-METHOD_NAMES = {1: "fastv", 2: "trim"}
+METHOD_NAMES = {1: "fastv", 2: "trim", 3: "ficoco_v"}
 HOOK_NAMES = {0: "vision_encoder", 1: "decoder_layer", 2: "cross_attn", 3: "after_prefill"}
 
 
@@ -77,7 +77,38 @@ class TrimCrossAttn:
         return lib.vtrim_reduce_add_trim, p
 
 
-Policy = Union[FastV, TrimCrossAttn]
+@dataclass(frozen=True)
+class FiCoCoV:
+    """FiCoCo-V (arXiv 2411.17686) for LLaVA: merge patch tokens inside the CLIP vision tower.
+
+    In each vision layer from ``start_layer`` to the last that runs, after the layer's attention, the most
+    redundant patches (``lam`` weighs their similarity to the other patches against the CLS token's
+    attention, with a 2x2 local penalty) are dropped and each is merged into the kept patches it resembles
+    most (``eps`` sets how many), until ``tokens`` patches per image remain; they keep their order, and the
+    decoder sees ``tokens`` rows per image. ``tokens`` = all patches is the unreduced model.
+    """
+
+    tokens: int = 64
+    start_layer: int = 12
+    lam: float = 0.35
+    eps: float = 0.998
+
+    def to_c(self, ffi: Any, lib: Any) -> Any:
+        for name in ("tokens", "start_layer"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"FiCoCoV {name}={v!r}: must be an int")
+        p = ffi.new("struct vtrim_ficoco_v_params *")
+        lib.vtrim_ficoco_v_default(p)
+        p.tokens = self.tokens
+        p.start_layer = self.start_layer
+        p.lam = float(self.lam)
+        p.eps = float(self.eps)
+        return lib.vtrim_reduce_add_ficoco_v, p
+
+
+_POLICIES = (FastV, TrimCrossAttn, FiCoCoV)
+Policy = Union[FastV, TrimCrossAttn, FiCoCoV]
 ReduceArg = Union[None, Policy, Sequence[Policy]]
 
 
@@ -88,8 +119,9 @@ def policies_of(reduce: ReduceArg) -> List[Policy]:
     items: Iterable[Any] = reduce if isinstance(reduce, (list, tuple)) else [reduce]
     out = []
     for r in items:
-        if not isinstance(r, (FastV, TrimCrossAttn)):
-            raise ValueError(f"reduce: {r!r} is not a reduction policy (pyvtrim.FastV, pyvtrim.TrimCrossAttn)")
+        if not isinstance(r, _POLICIES):
+            raise ValueError(f"reduce: {r!r} is not a reduction policy (pyvtrim.FastV, pyvtrim.TrimCrossAttn, "
+                             "pyvtrim.FiCoCoV)")
         out.append(r)
     return out
 

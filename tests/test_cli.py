@@ -116,3 +116,19 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(llava_tiny, image_path: Pa
                   "--threads", "2", "--n-ctx", "2048"], then=QUESTION + "\n\n", env=_env())
     assert rc == 0, err
     assert "stopped: interrupted" in err and err.count("stopped:") == 2 and "Traceback" not in err
+
+
+def test_ficoco_v_flag(llava_tiny, image_path: Path) -> None:
+    """--ficoco-v N:L answers as the Python API with FiCoCoV(tokens=N, start_layer=L) and reports the stage."""
+    r = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", QUESTION, "--max-tokens", "6",
+              "--threads", "2", "--n-ctx", "1024", "--ficoco-v", "8:0"])
+    assert r.returncode == 0, r.stderr
+    with pyvtrim.Model(llava_tiny.gguf, n_ctx=1024, n_threads=2) as m:
+        expected = m.chat(str(image_path), QUESTION, max_tokens=6, reduce=pyvtrim.FiCoCoV(tokens=8, start_layer=0))
+    assert r.stdout.startswith(expected)
+    assert "ficoco_v at layer 0: 8/25 image tokens kept" in r.stderr, r.stderr
+    bad = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", "hi", "--ficoco-v", "8:x"])
+    assert bad.returncode == 2 and "--ficoco-v" in bad.stderr and "Traceback" not in bad.stderr
+    # the default start layer (12) is past this 2-layer tower: the library's reason, no traceback
+    far = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", "hi", "--ficoco-v", "8"])
+    assert far.returncode != 0 and "start_layer=12" in far.stderr and "Traceback" not in far.stderr, far.stderr

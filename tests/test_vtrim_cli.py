@@ -146,3 +146,19 @@ def test_on_the_demo_model(image_path: Path) -> None:
         chat = m.start_chat(max_tokens=4)
         assert i.stdout == chat.ask(QUESTION, str(image_path)) + "\n" + chat.ask("Why?") + "\n"
     assert "576 image tokens" in r.stderr
+
+
+def test_ficoco_v_flag(llava_tiny, image_path: Path) -> None:
+    """--ficoco-v N:L answers as the Python API with FiCoCoV(tokens=N, start_layer=L)."""
+    r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", QUESTION, "-n", "8", "-t", "2",
+              "-c", "1024", "--ficoco-v", "8:0"])
+    assert r.returncode == 0, r.stderr
+    with pyvtrim.Model(llava_tiny.gguf, n_ctx=1024, n_threads=2) as m:
+        expected = m.chat(str(image_path), QUESTION, max_tokens=8, reduce=pyvtrim.FiCoCoV(tokens=8, start_layer=0))
+    assert r.stdout == expected + "\n"
+    assert "(8 kept)" in r.stderr
+    for bad in ("0", "8:", "8:-1", "x"):
+        b = _run(["-m", str(llava_tiny.gguf), "-p", "hi", "--ficoco-v", bad])
+        assert b.returncode == 2 and "--ficoco-v" in b.stderr, (bad, b.stderr)
+    far = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", "hi", "--ficoco-v", "8"])
+    assert far.returncode == 1 and "start_layer=12" in far.stderr, far.stderr

@@ -17,6 +17,17 @@ CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24
                   image_size=336, patch_size=14)
 
 
+def vision_flops(clip: dict, n_patches: int, n_embd_text: int) -> float:
+    """The CLIP tower's FLOPs for one unreduced image, by the runtime's formulas for a reduced one (2 per
+    multiply-add: q/k/v/o, QK^T and AV, the MLP; the layers up to feature layer -2; the mlp2x projector on
+    the patches) plus the patch embedding."""
+    d, ff, n, t = clip["hidden_size"], clip["intermediate_size"], n_patches + 1, n_embd_text
+    layer = 2 * n * 4 * d * d + 4 * n * n * d + 2 * n * 2 * d * ff
+    patch = 2 * n_patches * 3 * clip["patch_size"] ** 2 * d
+    projector = 2 * n_patches * (d * t + t * t)
+    return float((clip["num_hidden_layers"] - 1) * layer + patch + projector)
+
+
 def best_of_prefills(m, ids: list, images: list, reduce, reps: int):
     """Prefills the prompt `reps` times (each from an empty sequence) and returns the fastest run's figures
     (time to first token, encode, prefill, token and KV counts, FLOPs, stages) with the last run's logits,

@@ -17,7 +17,7 @@
 
 struct options {
     const char * model, * mmproj, * image, * prompt;
-    long n_predict, n_threads, n_ctx, top_k;
+    long n_predict, n_threads, n_ctx, top_k, ficoco_v, ficoco_v_layer;
     float temperature, top_p;
     unsigned long long seed;
 };
@@ -40,6 +40,8 @@ static const char * k_usage =
     "      --top-k K        top-k filter when sampling (default 40; 0: off)\n"
     "      --top-p P        top-p filter when sampling (default 0.95; 1: off)\n"
     "      --seed S         sampling seed (default 0)\n"
+    "      --ficoco-v N[:L] FiCoCo-V: merge each image's patches inside the vision tower down to N tokens,\n"
+    "                       from vision layer L on (default 12; e.g. 64 or 64:12; LLaVA)\n"
     "  -h, --help           this text\n"
     "      --version        the library's version and backends\n"
     "\n"
@@ -83,6 +85,28 @@ static int parse_float(const char * argv0, const char * opt, const char * v, flo
     return 0;
 }
 
+// --ficoco-v N or N:L
+static int parse_ficoco_v(const char * argv0, const char * opt, const char * v, struct options * o) {
+    char * end = NULL;
+    errno = 0;
+    const long n = strtol(v, &end, 10);
+    long layer = -1;
+    if (!errno && end != v && *end == ':') {
+        const char * l = end + 1;
+        layer = strtol(l, &end, 10);
+        if (end == l || layer < 0) {
+            end = (char *) l;   // reject below
+            layer = -2;
+        }
+    }
+    if (errno || end == v || *end || n < 1 || n > INT_MAX || layer < -1 || layer > INT_MAX) {
+        return bad_value(argv0, opt, v, "N or N:L (tokens >= 1, start layer >= 0), e.g. 64 or 64:12");
+    }
+    o->ficoco_v = n;
+    o->ficoco_v_layer = layer;
+    return 0;
+}
+
 // 0: run; 1: done (help or version printed); -1: bad arguments (message printed).
 static int parse(int argc, char ** argv, struct options * o) {
     *o = (struct options) { .n_predict = 256, .n_ctx = 4096, .top_k = 40, .top_p = 0.95f };
@@ -114,6 +138,7 @@ static int parse(int argc, char ** argv, struct options * o) {
         else if (!strcmp(a, "--temp")) rc = parse_float(argv0, a, v, 0.0f, 100.0f, &o->temperature);
         else if (!strcmp(a, "--top-k")) rc = parse_long(argv0, a, v, 0, INT_MAX, &o->top_k);
         else if (!strcmp(a, "--top-p")) rc = parse_float(argv0, a, v, 0.0f, 1.0f, &o->top_p);
+        else if (!strcmp(a, "--ficoco-v")) rc = parse_ficoco_v(argv0, a, v, o);
         else if (!strcmp(a, "--seed")) {
             char * end = NULL;
             errno = 0;
@@ -358,8 +383,14 @@ int main(int argc, char ** argv) {
 
     struct conversation conv = { 0 };
     int rc = 0;
+    struct vtrim_ficoco_v_params fv;
+    vtrim_ficoco_v_default(&fv);
+    fv.tokens = (int32_t) o.ficoco_v;
+    fv.start_layer = o.ficoco_v_layer >= 0 ? (int32_t) o.ficoco_v_layer : fv.start_layer;
     if (vtrim_context_init(model, &cp, &ctx) != 0) {
         rc = fail("context");
+    } else if (o.ficoco_v > 0 && vtrim_reduce_add_ficoco_v(ctx, &fv) != 0) {
+        rc = fail("--ficoco-v");
     } else if (o.image && vtrim_image_from_file(o.image, &image) != 0) {
         rc = fail("image");
     } else if (vtrim_sampler_init(&sp, &smp) != 0) {

@@ -134,7 +134,9 @@ struct vtrim_sampler_params {
 
 enum vtrim_reduce_method {
     VTRIM_REDUCE_FASTV = 1,     /* FastV: drop image tokens after decoder layer K by layer K-1's attention */
-    VTRIM_REDUCE_TRIM  = 2      /* Trimmed Llama: trim the cross-attended image states at the first cross layer */
+    VTRIM_REDUCE_TRIM  = 2,     /* Trimmed Llama: trim the cross-attended image states at the first cross layer */
+    /* FiCoCo-V: merge patches inside LLaVA's vision tower (filter, correlate, compress) */
+    VTRIM_REDUCE_FICOCO_V = 3
 };
 
 enum vtrim_hook {
@@ -170,16 +172,28 @@ struct vtrim_trim_params {
     bool    first_layer;        /* the first cross layer attends to the kept states too (default: all) */
 };
 
+/* FiCoCo-V (arXiv 2411.17686): in vision layers start_layer .. f (f: the last layer that runs), after each
+ * layer's attention, drop the most redundant patches and merge each into the kept patches it resembles, until
+ * `tokens` patches per image remain. LLaVA only. */
+struct vtrim_ficoco_v_params {
+    int32_t tokens;             /* patches kept per image, in [1, N] (default 64); N: unreduced */
+    int32_t start_layer;        /* first vision layer (0-based) that merges, in [0, f] (default 12) */
+    float   lam;                /* weight of the patch-patch redundancy against CLS attention, [0, 1] (0.35) */
+    float   eps;                /* each dropped patch merges into max(1, ceil((1 - eps) * kept)) targets, [0, 1] (0.998) */
+};
+
 /* What one policy did in the last prefill. */
 struct vtrim_reduce_stage {
     int32_t method;
     int32_t hook;               /* enum vtrim_hook */
-    int32_t layer;              /* FastV: the first layer on the reduced set; Trim: the cross layer that ranks */
+    int32_t layer;              /* FastV: the first layer on the reduced set; Trim: the cross layer that ranks;
+                                 * FiCoCo-V: its first vision layer */
     int32_t n_in;               /* image tokens before the stage */
     int32_t n_kept;             /* image tokens after it */
     int64_t kv_bytes_full;      /* KV bytes of the layers it shrinks, had nothing been dropped */
     int64_t kv_bytes_kept;      /* the same layers' KV bytes as held */
-    double  flops_saved;        /* decoder prefill FLOPs it saved (estimate: matmuls + attention) */
+    double  flops_saved;        /* prefill FLOPs it saved (estimate: matmuls + attention): the decoder's, and for
+                                 * a vision-encoder stage the tower's and projector's too */
 };
 
 /* What the last prefill and the decodes since did. Times in milliseconds. */
@@ -280,10 +294,12 @@ VTRIM_API int32_t vtrim_graph_ops(const struct vtrim_context * ctx, char * text,
 
 VTRIM_API void    vtrim_fastv_default(struct vtrim_fastv_params * p);
 VTRIM_API void    vtrim_trim_default(struct vtrim_trim_params * p);
+VTRIM_API void    vtrim_ficoco_v_default(struct vtrim_ficoco_v_params * p);
 /* Check the policy against the model (VTRIM_ERR_INVALID_ARG with the reason: a parameter out of range, or
  * a method that does not apply to this architecture) and append it; on error nothing changes. */
 VTRIM_API int32_t vtrim_reduce_add_fastv(struct vtrim_context * ctx, const struct vtrim_fastv_params * p);
 VTRIM_API int32_t vtrim_reduce_add_trim(struct vtrim_context * ctx, const struct vtrim_trim_params * p);
+VTRIM_API int32_t vtrim_reduce_add_ficoco_v(struct vtrim_context * ctx, const struct vtrim_ficoco_v_params * p);
 VTRIM_API int32_t vtrim_reduce_clear(struct vtrim_context * ctx);
 VTRIM_API int32_t vtrim_get_reduce_stage(const struct vtrim_context * ctx, int32_t i, struct vtrim_reduce_stage * out);
 /* The image rows the decoder's last layers hold after the last prefill, as indices into that prefill's

@@ -140,6 +140,7 @@ void vtrim_context_free(struct vtrim_context * c) {
     free(c->logits);
     free(c->img.embd);
     free(c->img.n_rows);
+    free(c->img.src);
     free(c->stages);
     free(c->kept_image_rows);
     free(c);
@@ -230,6 +231,15 @@ int32_t vtrim_context_reserve_images(struct vtrim_context * c, int32_t n_images,
         }
         c->img.embd = p;
         c->img.cap = need;
+    }
+    const size_t need_src = (size_t) n_images * (size_t) n_rows_max;
+    if (need_src > c->img.src_cap) {
+        int32_t * p = realloc(c->img.src, need_src * sizeof(int32_t));
+        if (!p) {
+            return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+        }
+        c->img.src = p;
+        c->img.src_cap = need_src;
     }
     if (n_images > c->img.cap_images) {
         int32_t * p = realloc(c->img.n_rows, sizeof(int32_t) * (size_t) n_images);

@@ -16,6 +16,10 @@ struct vtrim_image_rows {
     float *   embd;         // [total][n_embd]
     size_t    cap;          // floats
     int32_t * n_rows;       // per image
+    // [total]: each row's index among its image's unreduced rows (an encoder reduction keeps some, in order);
+    // filled by the architecture's encode when image rows are decoder rows
+    int32_t * src;
+    size_t    src_cap;
     int32_t   n_images;
     int32_t   cap_images;
 };

@@ -92,20 +92,40 @@ static int32_t run_prompt(struct vtrim_context * c, struct vtrim_rows * rows, bo
     return rc;
 }
 
-// Which image rows survived, as indices into the expanded prompt (positions are original).
-static int32_t record_kept_rows(struct vtrim_context * c, const struct vtrim_rows * rows, int32_t n_past) {
+// Which image rows survived, as indices into the expanded prompt with every image at its n_image_tokens rows:
+// positions are original, and an encoder reduction's rows map back through c->img.src.
+static int32_t record_kept_rows(struct vtrim_context * c, const struct vtrim_rows * rows, int32_t n_past,
+                                const int32_t * tokens, int32_t n_tokens, int32_t n_expanded) {
+    const struct vtrim_model * m = c->model;
     int32_t * kept = malloc(sizeof(int32_t) * (size_t) (rows->n > 0 ? rows->n : 1));
-    if (!kept) {
+    int32_t * full = malloc(sizeof(int32_t) * (size_t) (n_expanded > 0 ? n_expanded : 1));
+    if (!kept || !full) {
+        free(kept);
+        free(full);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    const int32_t n_img_tok = m->has_vision ? m->vision.n_image_tokens : 0;
+    int32_t row = 0, at = 0, image = 0, image_row = 0;
+    for (int32_t t = 0; t < n_tokens; t++) {
+        if (m->arch->image_rows_in_decoder && tokens[t] == m->image_token_id) {
+            for (int32_t j = 0; j < c->img.n_rows[image]; j++) {
+                full[row++] = at + c->img.src[image_row + j];
+            }
+            image_row += c->img.n_rows[image++];
+            at += n_img_tok;
+        } else {
+            full[row++] = at++;
+        }
     }
     int32_t n = 0;
     for (int32_t i = 0; i < rows->n; i++) {
         if (rows->is_image[i]) {
-            kept[n++] = rows->pos[i] - n_past;
+            kept[n++] = full[rows->pos[i] - n_past];
         }
     }
     const int32_t rc = vtrim_context_set_kept(c, kept, n);
     free(kept);
+    free(full);
     return rc;
 }
 
@@ -177,6 +197,9 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
     c->img.n_images = 0;
     rc = n_images > 0 ? a->encode(c, images, n_images) : 0;
     const int64_t t1 = ggml_time_us();
+    if (rc == 0) {
+        vtrim_stage_vision_decoder(c, n_full);
+    }
     int64_t n_expanded = n_tokens;
     for (int32_t i = 0; a->image_rows_in_decoder && i < c->img.n_images; i++) {
         n_expanded += c->img.n_rows[i] - 1;
@@ -195,7 +218,7 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
     if (rc == 0 && a->image_result) {
         rc = a->image_result(c, n_images, &n_image_tokens, &n_kept);
     } else if (rc == 0) {
-        rc = record_kept_rows(c, &rows, n_past);
+        rc = record_kept_rows(c, &rows, n_past, tokens, n_tokens, (int32_t) n_expanded);
     }
     if (a->prefill_end) {
         a->prefill_end(c, &rows, rc == 0);

@@ -2,6 +2,7 @@
 
 #include "api/error.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -73,20 +74,50 @@ int32_t vtrim_stage_decoder(struct vtrim_context * c, const struct vtrim_policy 
     return 0;
 }
 
-int32_t vtrim_stage_vision(struct vtrim_context * c, const struct vtrim_policy * p, float * hidden, int32_t n,
-                           int32_t n_embd, int32_t * n_out) {
-    int32_t * buf = malloc(sizeof(int32_t) * 3 * (size_t) n);
-    float * w = malloc(sizeof(float) * (size_t) n);
+// The policy's stage of this prefill, made on its first step.
+static struct vtrim_reduce_stage * stage_of(struct vtrim_context * c, const struct vtrim_policy * p) {
+    for (int32_t i = 0; i < c->n_stages; i++) {
+        struct vtrim_reduce_stage * st = &c->stages[i];
+        if (st->method == p->r->method && st->hook == p->r->hook && st->layer == p->layer) {
+            return st;
+        }
+    }
+    return vtrim_stage_new(c, p);
+}
+
+int32_t vtrim_stage_vision(struct vtrim_context * c, const struct vtrim_policy * p, const struct vtrim_vision_step * s,
+                           float * hidden, int32_t n, int32_t n_embd, int32_t * n_out,
+                           struct vtrim_reduce_stage ** stage) {
+    const struct vtrim_score_request * req = &p->r->scores;
+    if (req->per_head || (!req->matrix && req->pre_softmax)) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "%s: the vision-encoder hook gives the head-mean logit matrix only",
+                          p->r->name);
+    }
+    if (req->matrix && !s->attn) {
+        return vtrim_fail(VTRIM_ERR_STATE, "%s: the vision tower gave no logit matrix", p->r->name);
+    }
+    // Every (dropped, kept) pair at most once.
+    const size_t cap = (size_t) n * (size_t) n;
+    int32_t * buf = malloc(sizeof(int32_t) * ((size_t) n + 2 * cap));
+    float * w = malloc(sizeof(float) * cap);
     float * acc = calloc((size_t) n, sizeof(float));
     if (!buf || !w || !acc) {
         free(buf); free(w); free(acc);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
     }
-    struct vtrim_reduce_output o = { .kept = buf, .merge_src = buf + n, .merge_dst = buf + 2 * n, .merge_w = w };
-    const struct vtrim_reduce_input in = { .n = n, .hidden = hidden, .n_embd = n_embd };
+    struct vtrim_reduce_output o = { .kept = buf, .merge_src = buf + n, .merge_dst = buf + n + cap, .merge_w = w,
+                                     .merge_cap = (int32_t) (cap < INT32_MAX ? cap : INT32_MAX) };
+    const struct vtrim_reduce_input in = { .n = n, .hidden = hidden, .n_embd = n_embd, .attn = s->attn,
+                                           .orig = s->orig, .step = s->step, .n_steps = p->n_steps,
+                                           .grid = s->grid };
     int32_t rc = p->r->apply(p->params, &in, &o);
     if (rc == 0 && (o.n_kept < 1 || o.kept[0] != 0)) {
         rc = vtrim_fail(VTRIM_ERR_STATE, "%s dropped the vision tower's CLS row", p->r->name);
+    }
+    for (int32_t i = 0; rc == 0 && i < o.n_merge; i++) {
+        if (o.merge_src[i] <= 0 || o.merge_src[i] >= n || o.merge_dst[i] < 0 || o.merge_dst[i] >= n) {
+            rc = vtrim_fail(VTRIM_ERR_STATE, "%s merged outside the rows", p->r->name);
+        }
     }
     if (rc == 0) {
         // Merges read the states before any move: x_j <- (x_j + sum w x_src) / (1 + sum w), targets kept.
@@ -98,6 +129,7 @@ int32_t vtrim_stage_vision(struct vtrim_context * c, const struct vtrim_policy *
             }
             acc[o.merge_dst[i]] += o.merge_w[i];
         }
+        // The kept rows move up in order: row j's source is at or after j.
         for (int32_t j = 0; j < o.n_kept; j++) {
             float * dst = hidden + (size_t) j * n_embd;
             const float * src = hidden + (size_t) o.kept[j] * n_embd;
@@ -105,14 +137,35 @@ int32_t vtrim_stage_vision(struct vtrim_context * c, const struct vtrim_policy *
             for (int32_t e = 0; e < n_embd; e++) {
                 dst[e] = src[e] * scale;
             }
+            s->orig[j] = s->orig[o.kept[j]];
         }
         *n_out = o.n_kept;
-        struct vtrim_reduce_stage * st = vtrim_stage_new(c, p);
-        st->n_in = n;
-        st->n_kept = o.n_kept;
+        struct vtrim_reduce_stage * st = stage_of(c, p);
+        st->n_in += s->step == 0 ? n - 1 : 0;
+        st->n_kept += s->step == p->n_steps - 1 ? o.n_kept - 1 : 0;
+        *stage = st;
     }
     free(buf);
     free(w);
     free(acc);
     return rc;
+}
+
+void vtrim_stage_vision_decoder(struct vtrim_context * c, int64_t n_full) {
+    const struct vtrim_text_hparams * hp = &c->model->text;
+    const int64_t row_bytes = 2 * (int64_t) ggml_row_size(c->kv.type, (int64_t) hp->head_dim * hp->n_head_kv);
+    double rows = (double) n_full;
+    for (int32_t i = 0; i < c->n_stages; i++) {
+        struct vtrim_reduce_stage * st = &c->stages[i];
+        if (st->hook != VTRIM_HOOK_VISION_ENCODER) {
+            continue;
+        }
+        const double after = rows - (st->n_in - st->n_kept);
+        for (int l = 0; l < hp->n_layer; l++) {
+            st->kv_bytes_full += ((int64_t) c->kv.n[l] + (int64_t) rows) * row_bytes;
+            st->kv_bytes_kept += ((int64_t) c->kv.n[l] + (int64_t) after) * row_bytes;
+            st->flops_saved += vtrim_layer_flops(hp, rows, c->kv.n[l]) - vtrim_layer_flops(hp, after, c->kv.n[l]);
+        }
+        rows = after;
+    }
 }

@@ -16,7 +16,23 @@ struct vtrim_reduce_stage * vtrim_stage_new(struct vtrim_context * ctx, const st
 int32_t vtrim_stage_decoder(struct vtrim_context * ctx, const struct vtrim_policy * p, struct vtrim_rows * rows,
                             const float * h_out, const float * h_in);
 
-// Between vision layers: hidden ([n][n_embd]) becomes the *n_out kept rows, merged as the method says.
-// The CLS row (row 0) is always kept. No method uses this hook yet: it passes no scores.
-int32_t vtrim_stage_vision(struct vtrim_context * ctx, const struct vtrim_policy * p, float * hidden, int32_t n,
-                           int32_t n_embd, int32_t * n_out);
+// One step of an encoder policy inside the vision tower, for the image being encoded.
+struct vtrim_vision_step {
+    int32_t       step;     // of the policy's n_steps
+    const float * attn;     // [n][n] head-mean pre-softmax logits among the rows (query-major) for a .matrix
+                            // score request; NULL when the method asks for no scores
+    int32_t *     orig;     // [n] each row's original tower row (CLS 0); rewritten to the kept rows'
+    int32_t       grid;     // patches per side of the tower's grid
+};
+
+// Inside a vision layer: hidden ([n][n_embd]) becomes the *n_out kept rows, merged as the method says. The CLS
+// row (row 0) is always kept. The policy's stage (one per prefill, over its steps and images: n_in patches
+// in at step 0, n_kept out at the last) is *stage, for the tower's own FLOPs saved; the decoder's savings
+// are added once the prompt is known (vtrim_stage_vision_decoder).
+int32_t vtrim_stage_vision(struct vtrim_context * ctx, const struct vtrim_policy * p, const struct vtrim_vision_step * s,
+                           float * hidden, int32_t n, int32_t n_embd, int32_t * n_out,
+                           struct vtrim_reduce_stage ** stage);
+
+// After the encode, before the decoder: the vision-encoder stages' decoder savings (KV bytes of all layers,
+// FLOPs) for a prompt of n_full rows had no image row been dropped, in stage order.
+void vtrim_stage_vision_decoder(struct vtrim_context * ctx, int64_t n_full);

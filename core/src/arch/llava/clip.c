@@ -194,31 +194,65 @@ struct ggml_tensor * vtrim_clip_build_embed(struct ggml_context * ctx, const str
     return cur;
 }
 
-struct ggml_tensor * vtrim_clip_build_layers(struct ggml_context * ctx, const struct vtrim_clip * v,
-                                             struct ggml_tensor * cur, int il0, int il1) {
+struct ggml_tensor * vtrim_clip_build_attn(struct ggml_context * ctx, const struct vtrim_clip * v,
+                                           struct ggml_tensor * cur, int il, struct ggml_tensor ** q_out,
+                                           struct ggml_tensor ** k_out) {
     const struct vtrim_clip_hparams * hp = &v->hp;
     const int64_t d = hp->n_embd, head_dim = d / hp->n_head, n_pos = cur->ne[1];
-    const float scale = 1.0f / sqrtf((float) head_dim);
-    for (int il = il0; il < il1; il++) {
-        const struct vtrim_clip_layer * l = &v->layers[il];
-        struct ggml_tensor * residual = cur;
-        cur = vtrim_build_layer_norm(ctx, cur, l->ln1_w, l->ln1_b, hp->eps);
-        struct ggml_tensor * q = ggml_reshape_3d(ctx, vtrim_build_linear(ctx, cur, l->q_w, l->q_b), head_dim, hp->n_head, n_pos);
-        struct ggml_tensor * k = ggml_reshape_3d(ctx, vtrim_build_linear(ctx, cur, l->k_w, l->k_b), head_dim, hp->n_head, n_pos);
-        struct ggml_tensor * vv = ggml_reshape_3d(ctx, vtrim_build_linear(ctx, cur, l->v_w, l->v_b), head_dim, hp->n_head, n_pos);
-        cur = vtrim_build_flash_attn(ctx, q, k, vv, NULL, scale);
-        cur = vtrim_build_linear(ctx, cur, l->o_w, l->o_b);
-        cur = ggml_add(ctx, cur, residual);
+    const struct vtrim_clip_layer * l = &v->layers[il];
+    struct ggml_tensor * residual = cur;
+    cur = vtrim_build_layer_norm(ctx, cur, l->ln1_w, l->ln1_b, hp->eps);
+    struct ggml_tensor * q = ggml_reshape_3d(ctx, vtrim_build_linear(ctx, cur, l->q_w, l->q_b), head_dim, hp->n_head, n_pos);
+    struct ggml_tensor * k = ggml_reshape_3d(ctx, vtrim_build_linear(ctx, cur, l->k_w, l->k_b), head_dim, hp->n_head, n_pos);
+    struct ggml_tensor * vv = ggml_reshape_3d(ctx, vtrim_build_linear(ctx, cur, l->v_w, l->v_b), head_dim, hp->n_head, n_pos);
+    if (q_out) {
+        *q_out = q;
+        *k_out = k;
+    }
+    cur = vtrim_build_flash_attn(ctx, q, k, vv, NULL, vtrim_clip_attn_scale(v));
+    cur = vtrim_build_linear(ctx, cur, l->o_w, l->o_b);
+    return ggml_add(ctx, cur, residual);
+}
 
-        residual = cur;
-        cur = vtrim_build_layer_norm(ctx, cur, l->ln2_w, l->ln2_b, hp->eps);
-        cur = vtrim_build_linear(ctx, cur, l->fc1_w, l->fc1_b);
-        cur = hp->use_gelu ? ggml_gelu_erf(ctx, cur) : vtrim_build_quick_gelu(ctx, cur);
-        cur = vtrim_build_linear(ctx, cur, l->fc2_w, l->fc2_b);
-        cur = ggml_add(ctx, cur, residual);
-        vtrim_cb(cur, "v_l_out", il);
+struct ggml_tensor * vtrim_clip_build_mlp(struct ggml_context * ctx, const struct vtrim_clip * v,
+                                          struct ggml_tensor * cur, int il) {
+    const struct vtrim_clip_hparams * hp = &v->hp;
+    const struct vtrim_clip_layer * l = &v->layers[il];
+    struct ggml_tensor * residual = cur;
+    cur = vtrim_build_layer_norm(ctx, cur, l->ln2_w, l->ln2_b, hp->eps);
+    cur = vtrim_build_linear(ctx, cur, l->fc1_w, l->fc1_b);
+    cur = hp->use_gelu ? ggml_gelu_erf(ctx, cur) : vtrim_build_quick_gelu(ctx, cur);
+    cur = vtrim_build_linear(ctx, cur, l->fc2_w, l->fc2_b);
+    cur = ggml_add(ctx, cur, residual);
+    vtrim_cb(cur, "v_l_out", il);
+    return cur;
+}
+
+struct ggml_tensor * vtrim_clip_build_layers(struct ggml_context * ctx, const struct vtrim_clip * v,
+                                             struct ggml_tensor * cur, int il0, int il1) {
+    for (int il = il0; il < il1; il++) {
+        cur = vtrim_clip_build_mlp(ctx, v, vtrim_clip_build_attn(ctx, v, cur, il, NULL, NULL), il);
     }
     return cur;
+}
+
+float vtrim_clip_attn_scale(const struct vtrim_clip * v) {
+    return 1.0f / sqrtf((float) (v->hp.n_embd / v->hp.n_head));
+}
+
+// Matmul FLOPs (2 per multiply-add) of n rows: attention half (ln1, q/k/v/o, QK^T and AV), MLP half, head.
+double vtrim_clip_attn_flops(const struct vtrim_clip * v, double n) {
+    const double d = v->hp.n_embd;
+    return 2.0 * n * 4.0 * d * d + 4.0 * n * n * d;
+}
+
+double vtrim_clip_mlp_flops(const struct vtrim_clip * v, double n) {
+    return 2.0 * n * 2.0 * (double) v->hp.n_embd * v->hp.n_ff;
+}
+
+double vtrim_clip_head_flops(const struct vtrim_clip * v, double n) {
+    const double n_out = v->hp.keep_cls ? n : n - 1.0;
+    return 2.0 * n_out * ((double) v->mm0_w->ne[0] * v->mm0_w->ne[1] + (double) v->mm2_w->ne[0] * v->mm2_w->ne[1]);
 }
 
 struct ggml_tensor * vtrim_clip_build_head(struct ggml_context * ctx, const struct vtrim_clip * v,

@@ -42,7 +42,7 @@ int32_t vtrim_clip_read_hparams(struct vtrim_clip * v, const struct gguf_context
 int32_t vtrim_clip_bind_tensors(struct vtrim_clip * v, const struct vtrim_model * m);
 void    vtrim_clip_free(struct vtrim_clip * v);
 
-// The tower in three parts, so that a reduction can stop between layers (VTRIM_HOOK_VISION_ENCODER):
+// The tower in parts (embed, layers, head; a layer also in halves, below):
 // embed: *pixels (F32 [image_size, image_size, 3], vtrim_image_preprocess's CHW floats) -> [n_embd, n_patches + 1];
 // layers [il0, il1) on any number of rows; head: feature select and projector -> [n_embd_text, n_rows].
 // head_drops_cls: the rows still hold the CLS row first, which the "default" feature select drops.
@@ -50,5 +50,18 @@ struct ggml_tensor * vtrim_clip_build_embed(struct ggml_context * ctx, const str
                                             struct ggml_tensor ** pixels);
 struct ggml_tensor * vtrim_clip_build_layers(struct ggml_context * ctx, const struct vtrim_clip * v,
                                              struct ggml_tensor * cur, int il0, int il1);
+// One layer in two halves, so that a reduction can act inside it, after the attention residual and before the
+// MLP (VTRIM_HOOK_VISION_ENCODER): attn: x + attn(ln1(x)), with the layer's q and k ([head_dim, n_head, n])
+// when q_out is not NULL (a probe reads them); mlp: h + mlp(ln2(h)). build_layers is both, layer by layer.
+struct ggml_tensor * vtrim_clip_build_attn(struct ggml_context * ctx, const struct vtrim_clip * v,
+                                           struct ggml_tensor * cur, int il, struct ggml_tensor ** q_out,
+                                           struct ggml_tensor ** k_out);
+struct ggml_tensor * vtrim_clip_build_mlp(struct ggml_context * ctx, const struct vtrim_clip * v,
+                                          struct ggml_tensor * cur, int il);
+float vtrim_clip_attn_scale(const struct vtrim_clip * v);   // 1 / sqrt(head_dim)
+// Estimated FLOPs of n rows through one layer's attention half, MLP half, and the head (projector).
+double vtrim_clip_attn_flops(const struct vtrim_clip * v, double n);
+double vtrim_clip_mlp_flops(const struct vtrim_clip * v, double n);
+double vtrim_clip_head_flops(const struct vtrim_clip * v, double n);
 struct ggml_tensor * vtrim_clip_build_head(struct ggml_context * ctx, const struct vtrim_clip * v,
                                            struct ggml_tensor * cur, bool head_drops_cls);

@@ -3,6 +3,7 @@
 #include "arch/arch.h"
 
 #include "api/error.h"
+#include "attn_probe.h"
 #include "arch/llama/llama.h"
 #include "arch/llava/clip.h"
 #include "image/image.h"
@@ -231,63 +232,114 @@ static int32_t llava_image_tiles(const struct vtrim_model * m, const struct vtri
     return 0;
 }
 
-// One image through the tower, split at the layers where encoder policies fire (VTRIM_HOOK_VISION_ENCODER):
-// each part is a graph; between parts the policy keeps (and merges) rows on the host. out receives
+// The tower's FLOPs from inside layer il (after its attention half) to the end, on n rows.
+static double rest_flops(const struct vtrim_clip * v, int il, double n) {
+    double f = vtrim_clip_mlp_flops(v, n) + vtrim_clip_head_flops(v, n);
+    for (int l = il + 1; l < v->hp.n_layer_run; l++) {
+        f += vtrim_clip_attn_flops(v, n) + vtrim_clip_mlp_flops(v, n);
+    }
+    return f;
+}
+
+// One image through the tower, split where encoder policies act (VTRIM_HOOK_VISION_ENCODER): inside each of
+// their step layers, after the attention half. Each part is a graph ending with a step layer's attention
+// half (and, when the policy asks for it, that layer's head-mean logit matrix); between parts the policy
+// keeps and merges rows on the host; the next part starts with that layer's MLP half. out receives
 // [*n_rows][n_embd_text].
 static int32_t encode_one(struct vtrim_context * c, const struct vtrim_clip * v, const float * pixels, float * out,
-                          int32_t * n_rows) {
-    const int32_t d = v->hp.n_embd, n_run = v->hp.n_layer_run;
-    int32_t * order = malloc(sizeof(int32_t) * (size_t) (c->policies.n + 1));
-    float * h = NULL;
-    if (!order) {
+                          int32_t * n_rows, int32_t * src) {
+    const int32_t d = v->hp.n_embd, n_run = v->hp.n_layer_run, n0 = v->hp.n_patches + 1;
+    int32_t n_points = 0;
+    for (int32_t i = 0; i < c->policies.n; i++) {
+        n_points += c->policies.items[i].r->hook == VTRIM_HOOK_VISION_ENCODER ? c->policies.items[i].n_steps : 0;
+    }
+    int32_t * pol = malloc(sizeof(int32_t) * (size_t) (2 * n_points + 1));
+    int32_t * orig = malloc(sizeof(int32_t) * (size_t) n0);
+    float * h = NULL, * attn = NULL;
+    if (!pol || !orig) {
+        free(pol);
+        free(orig);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
     }
-    int32_t n_hooks = 0;
-    for (int32_t i = 0; i < c->policies.n; i++) {
-        if (c->policies.items[i].r->hook == VTRIM_HOOK_VISION_ENCODER) {
-            order[n_hooks++] = i;
+    int32_t * step = pol + n_points;
+    // Policies of one hook come in layer order and do not interleave (vtrim_policy_list_add).
+    for (int32_t i = 0, k = 0; i < c->policies.n; i++) {
+        for (int32_t s = 0; c->policies.items[i].r->hook == VTRIM_HOOK_VISION_ENCODER &&
+                            s < c->policies.items[i].n_steps; s++, k++) {
+            pol[k] = i;
+            step[k] = s;
         }
     }
-    int32_t rc = 0, n = v->hp.n_patches + 1, il = 0;
-    for (int32_t part = 0; part <= n_hooks && rc == 0; part++) {
-        const bool last = part == n_hooks;
-        const int il1 = last ? n_run : c->policies.items[order[part]].layer;
+    for (int32_t i = 0; i < n0; i++) {
+        orig[i] = i;
+    }
+    int32_t rc = 0, n = n0, il = 0, mlp_layer = -1;
+    for (int32_t part = 0; part <= n_points && rc == 0; part++) {
+        const bool last = part == n_points;
+        const struct vtrim_policy * p = last ? NULL : &c->policies.items[pol[part]];
+        const int il1 = last ? n_run : p->step_layers[step[part]];
         struct ggml_context * gctx;
         struct ggml_cgraph * gf;
         if ((rc = vtrim_context_graph_new(c, &gctx, &gf)) < 0) {
             break;
         }
-        struct ggml_tensor * inp, * cur;
+        struct ggml_tensor * inp, * cur, * logits = NULL;
         if (part == 0) {
             cur = vtrim_clip_build_embed(gctx, v, &inp);
         } else {
             inp = cur = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, d, n);
             ggml_set_input(inp);
+            cur = vtrim_clip_build_mlp(gctx, v, cur, mlp_layer);
         }
         cur = vtrim_clip_build_layers(gctx, v, cur, il, il1);
         if (last) {
             cur = vtrim_clip_build_head(gctx, v, cur, true);
+        } else {
+            struct ggml_tensor * q, * k;
+            cur = vtrim_clip_build_attn(gctx, v, cur, il1, &q, &k);
+            if (p->r->scores.matrix) {
+                logits = vtrim_attn_logits_head_mean(gctx, q, k, vtrim_clip_attn_scale(v));
+                ggml_set_output(logits);
+                ggml_build_forward_expand(gf, logits);
+            }
         }
         ggml_set_output(cur);
         ggml_build_forward_expand(gf, cur);
         float * dst = last ? out : (h = realloc(h, sizeof(float) * (size_t) n * d));
-        if (!dst) {
+        if (logits) {
+            attn = realloc(attn, sizeof(float) * (size_t) n * n);
+        }
+        if (!dst || (logits && !attn)) {
             rc = vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for the vision states");
         } else {
             const struct vtrim_tensor_io in_io = { inp, part == 0 ? (void *) pixels : h };
-            const struct vtrim_tensor_io out_io = { cur, dst };
-            rc = vtrim_context_graph_run(c, gf, &in_io, 1, &out_io, 1);
+            const struct vtrim_tensor_io out_io[] = { { cur, dst }, { logits, attn } };
+            rc = vtrim_context_graph_run(c, gf, &in_io, 1, out_io, logits ? 2 : 1);
         }
         ggml_free(gctx);
         if (rc == 0 && last) {
             *n_rows = (int32_t) cur->ne[1];
+            for (int32_t r = 0; r < *n_rows; r++) {   // the head dropped the CLS row unless it keeps it
+                src[r] = v->hp.keep_cls ? orig[r] : orig[r + 1] - 1;
+            }
         } else if (rc == 0) {
-            rc = vtrim_stage_vision(c, &c->policies.items[order[part]], h, n, d, &n);
-            il = il1;
+            const struct vtrim_vision_step vs = { .step = step[part], .attn = logits ? attn : NULL, .orig = orig,
+                                                  .grid = v->hp.image_size / v->hp.patch_size };
+            struct vtrim_reduce_stage * st = NULL;
+            int32_t n_kept = n;
+            rc = vtrim_stage_vision(c, p, &vs, h, n, d, &n_kept, &st);
+            if (rc == 0) {
+                st->flops_saved += rest_flops(v, il1, n) - rest_flops(v, il1, n_kept);
+                n = n_kept;
+            }
+            mlp_layer = il1;
+            il = il1 + 1;
         }
     }
     free(h);
-    free(order);
+    free(attn);
+    free(pol);
+    free(orig);
     return rc;
 }
 
@@ -308,8 +360,8 @@ static int32_t llava_encode(struct vtrim_context * c, struct vtrim_image * const
             vtrim_fail_prefix(rc, "image %d: ", i);
             break;
         }
-        rc = encode_one(c, v, pixels, c->img.embd + off, &c->img.n_rows[i]);
-        off += (size_t) c->img.n_rows[i] * n_embd;
+        rc = encode_one(c, v, pixels, c->img.embd + off * n_embd, &c->img.n_rows[i], c->img.src + off);
+        off += (size_t) c->img.n_rows[i];
     }
     c->img.n_images = rc == 0 ? n_images : 0;
     free(pixels);
