@@ -28,13 +28,14 @@ from .errors import (
 )
 from .chat import Chat
 from .model import Model
-from .reduce import FastV, TrimCrossAttn
+from .reduce import FastV, FiCoCoL, TrimCrossAttn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Chat",
     "FastV",
+    "FiCoCoL",
     "Model",
     "TrimCrossAttn",
     "VtrimBackendError",

@@ -18,6 +18,7 @@
 struct options {
     const char * model, * mmproj, * image, * prompt;
     long n_predict, n_threads, n_ctx, top_k;
+    long ficoco_l;      // FiCoCo-L's image tokens per image; 0: off
     float temperature, top_p;
     unsigned long long seed;
 };
@@ -40,6 +41,8 @@ static const char * k_usage =
     "      --top-k K        top-k filter when sampling (default 40; 0: off)\n"
     "      --top-p P        top-p filter when sampling (default 0.95; 1: off)\n"
     "      --seed S         sampling seed (default 0)\n"
+    "      --ficoco-l N     FiCoCo-L: merge each image's tokens inside the decoder, from layer 4 on, down\n"
+    "                       to N (e.g. 64; LLaVA)\n"
     "  -h, --help           this text\n"
     "      --version        the library's version and backends\n"
     "\n"
@@ -114,6 +117,7 @@ static int parse(int argc, char ** argv, struct options * o) {
         else if (!strcmp(a, "--temp")) rc = parse_float(argv0, a, v, 0.0f, 100.0f, &o->temperature);
         else if (!strcmp(a, "--top-k")) rc = parse_long(argv0, a, v, 0, INT_MAX, &o->top_k);
         else if (!strcmp(a, "--top-p")) rc = parse_float(argv0, a, v, 0.0f, 1.0f, &o->top_p);
+        else if (!strcmp(a, "--ficoco-l")) rc = parse_long(argv0, a, v, 1, INT_MAX, &o->ficoco_l);
         else if (!strcmp(a, "--seed")) {
             char * end = NULL;
             errno = 0;
@@ -358,8 +362,13 @@ int main(int argc, char ** argv) {
 
     struct conversation conv = { 0 };
     int rc = 0;
+    struct vtrim_ficoco_l_params fl;
+    vtrim_ficoco_l_default(&fl);
+    fl.tokens = (int32_t) o.ficoco_l;
     if (vtrim_context_init(model, &cp, &ctx) != 0) {
         rc = fail("context");
+    } else if (o.ficoco_l > 0 && vtrim_reduce_add_ficoco_l(ctx, &fl) != 0) {
+        rc = fail("--ficoco-l");
     } else if (o.image && vtrim_image_from_file(o.image, &image) != 0) {
         rc = fail("image");
     } else if (vtrim_sampler_init(&sp, &smp) != 0) {

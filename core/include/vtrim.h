@@ -134,7 +134,8 @@ struct vtrim_sampler_params {
 
 enum vtrim_reduce_method {
     VTRIM_REDUCE_FASTV = 1,     /* FastV: drop image tokens after decoder layer K by layer K-1's attention */
-    VTRIM_REDUCE_TRIM  = 2      /* Trimmed Llama: trim the cross-attended image states at the first cross layer */
+    VTRIM_REDUCE_TRIM  = 2,     /* Trimmed Llama: trim the cross-attended image states at the first cross layer */
+    VTRIM_REDUCE_FICOCO_L = 4   /* FiCoCo-L: merge image rows into their kin between decoder layers */
 };
 
 enum vtrim_hook {
@@ -168,6 +169,15 @@ struct vtrim_trim_params {
     int32_t mode;               /* enum vtrim_trim_mode; default: union */
     float   keep;               /* budget mode: fraction kept, in (0, 1] (default 0.5) */
     bool    first_layer;        /* the first cross layer attends to the kept states too (default: all) */
+};
+
+/* FiCoCo-L (arXiv 2411.17686) on LLaVA: a filter-correlate-compress step at each hook between decoder
+ * layers l-1 and l, l = start_layer .. n_layer-1, until `tokens` rows of each image are left. */
+struct vtrim_ficoco_l_params {
+    int32_t tokens;             /* image rows kept per image, in [1, N] (default 64) */
+    int32_t start_layer;        /* the first layer on reduced rows, in [1, n_layer - 1] (default 4) */
+    float   beta;               /* weight of the image-image term of the redundancy, in [0, 1] (default 0.6) */
+    float   eps;                /* correlate: each dropped row merges into its top ceil((1 - eps) kept) (0.998) */
 };
 
 /* What one policy did in the last prefill. */
@@ -280,10 +290,12 @@ VTRIM_API int32_t vtrim_graph_ops(const struct vtrim_context * ctx, char * text,
 
 VTRIM_API void    vtrim_fastv_default(struct vtrim_fastv_params * p);
 VTRIM_API void    vtrim_trim_default(struct vtrim_trim_params * p);
+VTRIM_API void    vtrim_ficoco_l_default(struct vtrim_ficoco_l_params * p);
 /* Check the policy against the model (VTRIM_ERR_INVALID_ARG with the reason: a parameter out of range, or
  * a method that does not apply to this architecture) and append it; on error nothing changes. */
 VTRIM_API int32_t vtrim_reduce_add_fastv(struct vtrim_context * ctx, const struct vtrim_fastv_params * p);
 VTRIM_API int32_t vtrim_reduce_add_trim(struct vtrim_context * ctx, const struct vtrim_trim_params * p);
+VTRIM_API int32_t vtrim_reduce_add_ficoco_l(struct vtrim_context * ctx, const struct vtrim_ficoco_l_params * p);
 VTRIM_API int32_t vtrim_reduce_clear(struct vtrim_context * ctx);
 VTRIM_API int32_t vtrim_get_reduce_stage(const struct vtrim_context * ctx, int32_t i, struct vtrim_reduce_stage * out);
 /* The image rows the decoder's last layers hold after the last prefill, as indices into that prefill's

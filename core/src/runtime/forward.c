@@ -29,7 +29,8 @@ int32_t vtrim_rows_keep(const struct vtrim_rows * from, const int32_t * kept, in
     to->pos = malloc(sizeof(int32_t) * (size_t) n_kept);
     to->hidden = malloc(sizeof(float) * (size_t) n_kept * n_embd);
     to->is_image = malloc(sizeof(bool) * (size_t) n_kept);
-    if (!to->pos || !to->hidden || !to->is_image) {
+    to->image_row = from->image_row ? malloc(sizeof(int32_t) * (size_t) n_kept) : NULL;
+    if (!to->pos || !to->hidden || !to->is_image || (from->image_row && !to->image_row)) {
         vtrim_rows_free(to);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
     }
@@ -37,6 +38,9 @@ int32_t vtrim_rows_keep(const struct vtrim_rows * from, const int32_t * kept, in
         const int32_t i = kept[j];
         to->pos[j] = from->pos[i];
         to->is_image[j] = from->is_image[i];
+        if (to->image_row) {
+            to->image_row[j] = from->image_row[i];
+        }
         memcpy(to->hidden + (size_t) j * n_embd, h + (size_t) i * n_embd, sizeof(float) * (size_t) n_embd);
     }
     return 0;
@@ -197,5 +201,36 @@ int32_t vtrim_probe_attention(struct vtrim_context * c, const struct vtrim_rows 
     free(h);
     free(pos);
     free(mask);
+    return rc;
+}
+
+int32_t vtrim_probe_logits(struct vtrim_context * c, const struct vtrim_rows * rows, const float * h_in, int il,
+                           float * attn) {
+    const struct vtrim_model * m = c->model;
+    const int32_t n = rows->n, n_embd = m->text.n_embd, k0 = c->kv.n[il] - n;
+    // Query rows in chunks of n_batch: the [n_head, n, chunk] product is the probe's largest tensor.
+    const int32_t n_batch = c->params.n_batch;
+    int32_t rc = 0;
+    for (int32_t a = 0; a < n && rc == 0; a += n_batch) {
+        const int32_t n_q = a + n_batch < n ? n_batch : n - a;
+        struct ggml_context * gctx;
+        struct ggml_cgraph * gf;
+        rc = vtrim_context_graph_new(c, &gctx, &gf);
+        if (rc < 0) {
+            break;
+        }
+        struct ggml_tensor * hin = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, n_embd, n_q);
+        ggml_set_input(hin);
+        struct ggml_tensor * tpos;
+        struct ggml_tensor * p = vtrim_llama_build_logits_probe(gctx, m, &c->kv, il, hin, k0, n, &tpos);
+        ggml_set_output(p);
+        ggml_build_forward_expand(gf, p);
+        // ggml_backend_tensor_set only reads the inputs
+        const struct vtrim_tensor_io in[] = { { hin, (float *) (uintptr_t) (h_in + (size_t) a * n_embd) },
+                                              { tpos, rows->pos + a } };
+        const struct vtrim_tensor_io out[] = { { p, attn + (size_t) a * n } };
+        rc = vtrim_context_graph_run(c, gf, in, 2, out, 1);
+        ggml_free(gctx);
+    }
     return rc;
 }

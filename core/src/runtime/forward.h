@@ -8,7 +8,7 @@ struct vtrim_rows {
     int32_t   n;
     int32_t * pos;        // RoPE position of each row (kept rows keep their original positions)
     int32_t * token;      // text token id, or -1 for an image row          (entering layer 0)
-    int32_t * image_row;  // row of ctx->img.embd for image rows            (entering layer 0)
+    int32_t * image_row;  // row of ctx->img.embd for image rows (entering layer 0; kept rows keep it), or NULL
     bool *    is_image;   // image rows (the candidates of decoder-layer reductions)
     float *   hidden;     // [n][n_embd] hidden states                      (entering a later layer)
     void *    arch_rows;  // the architecture's per-row data (mllama: the images each row sees), or NULL
@@ -32,3 +32,8 @@ int32_t vtrim_forward(struct vtrim_context * ctx, const struct vtrim_rows * rows
 // scores receives kv->n[il] floats.
 int32_t vtrim_probe_attention(struct vtrim_context * ctx, const struct vtrim_rows * rows, const float * h_in, int il,
                               const int32_t * q_rows, int32_t n_q, float * scores);
+
+// Head-mean pre-softmax logits of layer il among the rows (the rows just appended to layer il, with h_in
+// their states entering it), before any mask: attn[i * rows->n + j] = row i's (query) logit for row j (key).
+int32_t vtrim_probe_logits(struct vtrim_context * ctx, const struct vtrim_rows * rows, const float * h_in, int il,
+                           float * attn);

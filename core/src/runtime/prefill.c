@@ -50,15 +50,17 @@ static int32_t run_prompt(struct vtrim_context * c, struct vtrim_rows * rows, bo
     const int32_t n_order = reduce ? vtrim_policy_list_order(&c->policies, VTRIM_HOOK_VISION_ENCODER, order) : 0;
     int il = 0;
     int32_t rc = 0;
-    for (int32_t i = 0; i < n_order && rc == 0; i++) {
+    // A decoder-hook policy fires at each of its step layers (its steps are consecutive in the prompt's
+    // order: policies of one hook do not interleave); a cross-attention one at its layer.
+    for (int32_t i = 0, step = 0; i < n_order && rc == 0; ) {
         const struct vtrim_policy * p = &c->policies.items[order[i]];
-        const int k = p->layer;
         const int32_t hook = p->r->hook;
+        const bool decoder = hook == VTRIM_HOOK_DECODER_LAYER;
+        const int k = p->step_layers[step];
         if (hook == VTRIM_HOOK_AFTER_PREFILL || (hook == VTRIM_HOOK_CROSS_ATTN && !m->arch->cross_attn_stage)) {
             rc = vtrim_fail(VTRIM_ERR_UNSUPPORTED, "%s: no executor for its hook on this model", p->r->name);
             break;
         }
-        const bool decoder = hook == VTRIM_HOOK_DECODER_LAYER;
         float * h_out = malloc(sizeof(float) * (size_t) rows->n * n_embd);
         float * h_in = decoder ? malloc(sizeof(float) * (size_t) rows->n * n_embd) : NULL;
         rc = (h_out && (h_in || !decoder)) ? 0 : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for hidden states");
@@ -69,7 +71,7 @@ static int32_t run_prompt(struct vtrim_context * c, struct vtrim_rows * rows, bo
             rc = vtrim_forward(c, rows, il, k, h_out, h_in, false);
         }
         if (rc == 0 && decoder) {
-            rc = vtrim_stage_decoder(c, p, rows, h_out, h_in);
+            rc = vtrim_stage_decoder(c, p, step, rows, h_out, h_in);
             free(h_out);
         } else if (rc == 0) {
             // the rows go on from the states the hook saw
@@ -81,6 +83,10 @@ static int32_t run_prompt(struct vtrim_context * c, struct vtrim_rows * rows, bo
         }
         free(h_in);
         il = k;
+        if (++step >= (decoder ? p->n_steps : 1)) {
+            step = 0;
+            i++;
+        }
     }
     free(order);
     for (int l = il; l < n_layer && rc == 0; l++) {

@@ -185,3 +185,18 @@ struct ggml_tensor * vtrim_llama_build_attn_probe(struct ggml_context * ctx, con
     return vtrim_attn_probe_mean(ctx, q, cache_view(ctx, kv, kv->k[il], hp, n_kv), *mask,
                                  1.0f / sqrtf((float) hp->head_dim));
 }
+
+struct ggml_tensor * vtrim_llama_build_logits_probe(struct ggml_context * ctx, const struct vtrim_model * m,
+                                                    const struct vtrim_kv_cache * kv, int il, struct ggml_tensor * h,
+                                                    int32_t k0, int32_t n_k, struct ggml_tensor ** pos) {
+    const struct vtrim_text_hparams * hp = &m->text;
+    *pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, h->ne[1]);
+    ggml_set_input(*pos);
+    struct ggml_tensor * q;
+    build_qk(ctx, m, &m->layers[il], vtrim_build_rms_norm(ctx, h, m->layers[il].attn_norm, hp->rms_eps), *pos, &q,
+             NULL);
+    const size_t row = ggml_row_size(kv->type, (int64_t) hp->head_dim * hp->n_head_kv);
+    struct ggml_tensor * k = ggml_view_3d(ctx, kv->k[il], hp->head_dim, hp->n_head_kv, n_k,
+                                          ggml_row_size(kv->type, hp->head_dim), row, row * (size_t) k0);
+    return vtrim_attn_logits_head_mean(ctx, q, k, 1.0f / sqrtf((float) hp->head_dim));
+}

@@ -76,3 +76,10 @@ int32_t vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, co
 struct ggml_tensor * vtrim_llama_build_attn_probe(struct ggml_context * ctx, const struct vtrim_model * m,
                                                   const struct vtrim_kv_cache * kv, int il, struct ggml_tensor * h,
                                                   struct ggml_tensor ** pos, struct ggml_tensor ** mask);
+
+// Head-mean pre-softmax logits of layer il (no mask; GQA keys repeated) for the query rows h (their hidden
+// states entering layer il, [n_embd, n_q]) over the n_k cached keys from row k0: F32 [n_k, n_q]. The keys
+// are the cache's, as the layer's own attention read them. Fills *pos (I32 [n_q]) as an input.
+struct ggml_tensor * vtrim_llama_build_logits_probe(struct ggml_context * ctx, const struct vtrim_model * m,
+                                                    const struct vtrim_kv_cache * kv, int il, struct ggml_tensor * h,
+                                                    int32_t k0, int32_t n_k, struct ggml_tensor ** pos);
