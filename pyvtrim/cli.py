@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(e.g. 2:0.5; LLaVA)")
     chat.add_argument("--trim", metavar="K_RATIO", type=float, help="Trimmed Llama: each head keeps its top K_RATIO "
                       "of the cross-attended image features (e.g. 0.25; Llama-3.2-Vision)")
-    chat.add_argument("--ficoco-l", metavar="N", type=_int_at_least(1), help="FiCoCo-L: merge each image's rows "
-                      "inside the decoder, from layer 4 on, down to N (e.g. 64; LLaVA)")
+    chat.add_argument("--ficoco-l", metavar="N[:L]", help="FiCoCo-L: merge each image's tokens inside the decoder, "
+                      "from layer L on (default 4), down to N (e.g. 64; LLaVA)")
     _add_runtime_args(chat)
 
     demo = sub.add_parser("demo", help="run a tiny random-weight LLaVA model end to end")
@@ -152,8 +152,12 @@ def reduce_of(args: argparse.Namespace) -> List[Any]:
             raise SystemExit(f"pyvtrim chat: --fastv {args.fastv!r}: expected K:R, e.g. 2:0.5") from None
     if args.trim is not None:
         policies.append(TrimCrossAttn(k_ratio=args.trim))
-    if args.ficoco_l is not None:
-        policies.append(FiCoCoL(tokens=args.ficoco_l))
+    if args.ficoco_l:
+        try:
+            n, _, start = args.ficoco_l.partition(":")
+            policies.append(FiCoCoL(tokens=int(n), start_layer=int(start) if start else 4))
+        except ValueError:
+            raise SystemExit(f"pyvtrim chat: --ficoco-l {args.ficoco_l!r}: expected N or N:L, e.g. 64") from None
     return policies
 
 

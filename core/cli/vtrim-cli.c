@@ -18,7 +18,7 @@
 struct options {
     const char * model, * mmproj, * image, * prompt;
     long n_predict, n_threads, n_ctx, top_k;
-    long ficoco_l;      // FiCoCo-L's image tokens per image; 0: off
+    long ficoco_l, ficoco_l_start;   // FiCoCo-L's image tokens per image (0: off) and first layer (0: 4)
     float temperature, top_p;
     unsigned long long seed;
 };
@@ -41,8 +41,8 @@ static const char * k_usage =
     "      --top-k K        top-k filter when sampling (default 40; 0: off)\n"
     "      --top-p P        top-p filter when sampling (default 0.95; 1: off)\n"
     "      --seed S         sampling seed (default 0)\n"
-    "      --ficoco-l N     FiCoCo-L: merge each image's tokens inside the decoder, from layer 4 on, down\n"
-    "                       to N (e.g. 64; LLaVA)\n"
+    "      --ficoco-l N[:L] FiCoCo-L: merge each image's tokens inside the decoder, from layer L on\n"
+    "                       (default 4), down to N (e.g. 64; LLaVA)\n"
     "  -h, --help           this text\n"
     "      --version        the library's version and backends\n"
     "\n"
@@ -117,7 +117,16 @@ static int parse(int argc, char ** argv, struct options * o) {
         else if (!strcmp(a, "--temp")) rc = parse_float(argv0, a, v, 0.0f, 100.0f, &o->temperature);
         else if (!strcmp(a, "--top-k")) rc = parse_long(argv0, a, v, 0, INT_MAX, &o->top_k);
         else if (!strcmp(a, "--top-p")) rc = parse_float(argv0, a, v, 0.0f, 1.0f, &o->top_p);
-        else if (!strcmp(a, "--ficoco-l")) rc = parse_long(argv0, a, v, 1, INT_MAX, &o->ficoco_l);
+        else if (!strcmp(a, "--ficoco-l")) {
+            char n[32];
+            const char * colon = strchr(v, ':');
+            const size_t len = colon ? (size_t) (colon - v) : strlen(v);
+            snprintf(n, sizeof n, "%.*s", (int) (len < sizeof n ? len : sizeof n - 1), v);
+            rc = len >= sizeof n ? bad_value(argv0, a, v, "N or N:L") : parse_long(argv0, a, n, 1, INT_MAX, &o->ficoco_l);
+            if (rc == 0 && colon) {
+                rc = parse_long(argv0, a, colon + 1, 1, INT_MAX, &o->ficoco_l_start);
+            }
+        }
         else if (!strcmp(a, "--seed")) {
             char * end = NULL;
             errno = 0;
@@ -365,6 +374,7 @@ int main(int argc, char ** argv) {
     struct vtrim_ficoco_l_params fl;
     vtrim_ficoco_l_default(&fl);
     fl.tokens = (int32_t) o.ficoco_l;
+    fl.start_layer = o.ficoco_l_start > 0 ? (int32_t) o.ficoco_l_start : fl.start_layer;
     if (vtrim_context_init(model, &cp, &ctx) != 0) {
         rc = fail("context");
     } else if (o.ficoco_l > 0 && vtrim_reduce_add_ficoco_l(ctx, &fl) != 0) {
