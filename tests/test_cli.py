@@ -116,3 +116,23 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(llava_tiny, image_path: Pa
                   "--threads", "2", "--n-ctx", "2048"], then=QUESTION + "\n\n", env=_env())
     assert rc == 0, err
     assert "stopped: interrupted" in err and err.count("stopped:") == 2 and "Traceback" not in err
+
+
+def test_ficoco_l_flag(llava_tiny, image_path: Path) -> None:
+    """--ficoco-l N:L is FiCoCoL(tokens=N, start_layer=L); a malformed value is refused with the flag's name."""
+    from pyvtrim.cli import reduce_of
+
+    args = _parser_args(["chat", "m.gguf", "--image", "x.png", "--ficoco-l", "6:1"])
+    assert reduce_of(args) == [pyvtrim.FiCoCoL(tokens=6, start_layer=1)]
+    assert reduce_of(_parser_args(["chat", "m.gguf", "--image", "x.png", "--ficoco-l", "64"])) == [pyvtrim.FiCoCoL()]
+    r = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", QUESTION, "--max-tokens", "3",
+              "--threads", "2", "--n-ctx", "1024", "--ficoco-l", "6:1"])
+    assert r.returncode == 0, r.stderr
+    r = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", "hi", "--ficoco-l", "six"])
+    assert r.returncode != 0 and "--ficoco-l" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _parser_args(argv: list):
+    from pyvtrim.cli import build_parser
+
+    return build_parser().parse_args(argv)
