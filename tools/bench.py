@@ -58,7 +58,7 @@ def bench_image():
 
 
 def run_one(path: str, reduce_spec: str, threads: int, n_decode: int, reps: int) -> dict:
-    """One configuration, in this process. reduce_spec: "none" or "fastv:K:R"."""
+    """One configuration, in this process. reduce_spec: "none", "fastv:K:R" or "ficoco_l:N[:L]"."""
     import resource
 
     import numpy as np
@@ -69,6 +69,9 @@ def run_one(path: str, reduce_spec: str, threads: int, n_decode: int, reps: int)
     if reduce_spec.startswith("fastv:"):
         _, k, r = reduce_spec.split(":")
         reduce = pyvtrim.FastV(k=int(k), ratio=float(r))
+    elif reduce_spec.startswith("ficoco_l:"):
+        n, *start = reduce_spec.split(":")[1:]
+        reduce = pyvtrim.FiCoCoL(tokens=int(n), start_layer=int(start[0]) if start else 4)
     img = bench_image()
     with pyvtrim.Model(path, n_ctx=2048, n_threads=threads) as m:
         ids = m.tokenize(m.chat_prompt(PROMPT, 1))

@@ -83,7 +83,7 @@ static struct vtrim_reduce_stage * stage_of(struct vtrim_context * c, const stru
 }
 
 int32_t vtrim_stage_decoder(struct vtrim_context * c, const struct vtrim_policy * p, int32_t step,
-                            struct vtrim_rows * rows, float * h_out, const float * h_in) {
+                            struct vtrim_rows * rows, float * h_out, const float * h_in, const float * q) {
     const struct vtrim_text_hparams * hp = &c->model->text;
     const struct vtrim_score_request * req = &p->r->scores;
     const int k = p->step_layers[step], il = k - 1, n = rows->n;
@@ -103,7 +103,7 @@ int32_t vtrim_stage_decoder(struct vtrim_context * c, const struct vtrim_policy 
     const int32_t n_rows = n, n_img = vtrim_rows_count_image(rows);
     int32_t n_groups = 0;
     if (rc == 0 && req->matrix) {
-        rc = vtrim_probe_logits(c, rows, h_in, il, attn);
+        rc = vtrim_probe_logits(c, rows, q, il, attn);
         n_groups = image_groups(c, rows, ibuf + 2 * n, ibuf + 3 * n);
     } else if (rc == 0) {
         const int32_t n_q = p->r->query_rows(p->params, rows->is_image, n, ibuf);

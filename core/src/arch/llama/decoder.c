@@ -131,6 +131,10 @@ int32_t vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, co
 
         struct ggml_tensor * q, * k;
         build_qk(ctx, m, l, cur, in->pos, &q, &k);
+        if (il == il1 - 1 && (want & VTRIM_WANT_Q_LAST)) {
+            out->q_last = q;
+            ggml_set_output(q);
+        }
         struct ggml_tensor * v = ggml_mul_mat(ctx, l->wv, cur);
 
         const size_t row = ggml_row_size(kv->type, n_embd_kv);
@@ -187,14 +191,9 @@ struct ggml_tensor * vtrim_llama_build_attn_probe(struct ggml_context * ctx, con
 }
 
 struct ggml_tensor * vtrim_llama_build_logits_probe(struct ggml_context * ctx, const struct vtrim_model * m,
-                                                    const struct vtrim_kv_cache * kv, int il, struct ggml_tensor * h,
-                                                    int32_t k0, int32_t n_k, struct ggml_tensor ** pos) {
+                                                    const struct vtrim_kv_cache * kv, int il, struct ggml_tensor * q,
+                                                    int32_t k0, int32_t n_k) {
     const struct vtrim_text_hparams * hp = &m->text;
-    *pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, h->ne[1]);
-    ggml_set_input(*pos);
-    struct ggml_tensor * q;
-    build_qk(ctx, m, &m->layers[il], vtrim_build_rms_norm(ctx, h, m->layers[il].attn_norm, hp->rms_eps), *pos, &q,
-             NULL);
     const size_t row = ggml_row_size(kv->type, (int64_t) hp->head_dim * hp->n_head_kv);
     struct ggml_tensor * k = ggml_view_3d(ctx, kv->k[il], hp->head_dim, hp->n_head_kv, n_k,
                                           ggml_row_size(kv->type, hp->head_dim), row, row * (size_t) k0);
