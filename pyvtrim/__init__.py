@@ -28,7 +28,7 @@ from .errors import (
 )
 from .chat import Chat
 from .model import Model
-from .reduce import FastV, FiCoCoV, TrimCrossAttn
+from .reduce import FastV, FiCoCoL, FiCoCoV, TrimCrossAttn
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "Chat",
     "FastV",
     "FiCoCoV",
+    "FiCoCoL",
     "Model",
     "TrimCrossAttn",
     "VtrimBackendError",

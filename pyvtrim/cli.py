@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(e.g. 2:0.5; LLaVA)")
     chat.add_argument("--trim", metavar="K_RATIO", type=float, help="Trimmed Llama: each head keeps its top K_RATIO "
                       "of the cross-attended image features (e.g. 0.25; Llama-3.2-Vision)")
+    chat.add_argument("--ficoco-l", metavar="N[:L]", help="FiCoCo-L: merge each image's tokens inside the decoder, "
+                      "from layer L on (default 4), down to N (e.g. 64; LLaVA)")
     _add_runtime_args(chat)
 
     demo = sub.add_parser("demo", help="run a tiny random-weight LLaVA model end to end")
@@ -154,7 +156,7 @@ def _print_stream(pieces: Iterable[str], out: TextIO, t_start: float) -> Optiona
 
 def reduce_of(args: argparse.Namespace) -> List[Any]:
     """The reduction policies the chat flags ask for, in the order they apply."""
-    from .reduce import FastV, FiCoCoV, TrimCrossAttn
+    from .reduce import FastV, FiCoCoL, FiCoCoV, TrimCrossAttn
 
     policies: List[Any] = []
     if args.ficoco_v is not None:
@@ -168,6 +170,12 @@ def reduce_of(args: argparse.Namespace) -> List[Any]:
             raise SystemExit(f"pyvtrim chat: --fastv {args.fastv!r}: expected K:R, e.g. 2:0.5") from None
     if args.trim is not None:
         policies.append(TrimCrossAttn(k_ratio=args.trim))
+    if args.ficoco_l:
+        try:
+            n, _, start = args.ficoco_l.partition(":")
+            policies.append(FiCoCoL(tokens=int(n), start_layer=int(start) if start else 4))
+        except ValueError:
+            raise SystemExit(f"pyvtrim chat: --ficoco-l {args.ficoco_l!r}: expected N or N:L, e.g. 64") from None
     return policies
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Sequence, Union
 
-__all__ = ["FastV", "TrimCrossAttn", "FiCoCoV", "Policy", "policies_of"]
+__all__ = ["FastV", "TrimCrossAttn", "FiCoCoV", "FiCoCoL", "Policy", "policies_of"]
 
 _FASTV_SCORES = {"last": 0, "mean": 1}
 _TRIM_MODES = {"union": 0, "budget": 1}
-METHOD_NAMES = {1: "fastv", 2: "trim", 3: "ficoco_v"}
+METHOD_NAMES = {1: "fastv", 2: "trim", 3: "ficoco_v", 4: "ficoco_l"}
 HOOK_NAMES = {0: "vision_encoder", 1: "decoder_layer", 2: "cross_attn", 3: "after_prefill"}
 
 
@@ -107,8 +107,39 @@ class FiCoCoV:
         return lib.vtrim_reduce_add_ficoco_v, p
 
 
-_POLICIES = (FastV, TrimCrossAttn, FiCoCoV)
-Policy = Union[FastV, TrimCrossAttn, FiCoCoV]
+@dataclass(frozen=True)
+class FiCoCoL:
+    """FiCoCo-L (arXiv 2411.17686) for LLaVA: filter-correlate-compress of the image rows inside the decoder.
+
+    At each hook between decoder layers l-1 and l, for l = ``start_layer`` .. n_layer-1, the image rows of
+    each image are scored by layer l-1's head-mean attention logits (``beta`` weighs their similarity with
+    the other rows of their image against the attention the text after the images pays them); the most
+    redundant go, each merged into the kept rows of its image it resembles most (the top ``1 - eps`` of
+    them), until ``tokens`` rows per image are left after the last step. Later layers run on, and cache,
+    the kept rows at their original positions. ``tokens`` = N changes nothing.
+    """
+
+    tokens: int = 64
+    start_layer: int = 4
+    beta: float = 0.6
+    eps: float = 0.998
+
+    def to_c(self, ffi: Any, lib: Any) -> Any:
+        for name in ("tokens", "start_layer"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"FiCoCoL {name}={v!r}: must be an int")
+        p = ffi.new("struct vtrim_ficoco_l_params *")
+        lib.vtrim_ficoco_l_default(p)
+        p.tokens = self.tokens
+        p.start_layer = self.start_layer
+        p.beta = float(self.beta)
+        p.eps = float(self.eps)
+        return lib.vtrim_reduce_add_ficoco_l, p
+
+
+_POLICIES = (FastV, TrimCrossAttn, FiCoCoV, FiCoCoL)
+Policy = Union[FastV, TrimCrossAttn, FiCoCoV, FiCoCoL]
 ReduceArg = Union[None, Policy, Sequence[Policy]]
 
 
@@ -121,7 +152,7 @@ def policies_of(reduce: ReduceArg) -> List[Policy]:
     for r in items:
         if not isinstance(r, _POLICIES):
             raise ValueError(f"reduce: {r!r} is not a reduction policy (pyvtrim.FastV, pyvtrim.TrimCrossAttn, "
-                             "pyvtrim.FiCoCoV)")
+                             "pyvtrim.FiCoCoV, pyvtrim.FiCoCoL)")
         out.append(r)
     return out
 

@@ -132,3 +132,21 @@ def test_ficoco_v_flag(llava_tiny, image_path: Path) -> None:
     # the default start layer (12) is past this 2-layer tower: the library's reason, no traceback
     far = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", "hi", "--ficoco-v", "8"])
     assert far.returncode != 0 and "start_layer=12" in far.stderr and "Traceback" not in far.stderr, far.stderr
+def test_ficoco_l_flag(llava_tiny, image_path: Path) -> None:
+    """--ficoco-l N:L is FiCoCoL(tokens=N, start_layer=L); a malformed value is refused with the flag's name."""
+    from pyvtrim.cli import reduce_of
+
+    args = _parser_args(["chat", "m.gguf", "--image", "x.png", "--ficoco-l", "6:1"])
+    assert reduce_of(args) == [pyvtrim.FiCoCoL(tokens=6, start_layer=1)]
+    assert reduce_of(_parser_args(["chat", "m.gguf", "--image", "x.png", "--ficoco-l", "64"])) == [pyvtrim.FiCoCoL()]
+    r = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", QUESTION, "--max-tokens", "3",
+              "--threads", "2", "--n-ctx", "1024", "--ficoco-l", "6:1"])
+    assert r.returncode == 0, r.stderr
+    r = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", "hi", "--ficoco-l", "six"])
+    assert r.returncode != 0 and "--ficoco-l" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _parser_args(argv: list):
+    from pyvtrim.cli import build_parser
+
+    return build_parser().parse_args(argv)

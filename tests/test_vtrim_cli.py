@@ -52,7 +52,7 @@ def test_installed_binary_starts() -> None:
     """The installed C program finds libvtrim (it could not: exit 127 'cannot open shared object')."""
     r = _run(["--help"])
     assert r.returncode == 0, r.stderr
-    assert "usage:" in r.stdout and "--n-predict" in r.stdout and "--ctx-size" in r.stdout
+    assert "usage:" in r.stdout and "--n-predict" in r.stdout and "--ctx-size" in r.stdout and "--ficoco-l" in r.stdout
     r = _run(["--version"])
     assert r.returncode == 0 and _ffi.version() in r.stdout
 
@@ -162,3 +162,26 @@ def test_ficoco_v_flag(llava_tiny, image_path: Path) -> None:
         assert b.returncode == 2 and "--ficoco-v" in b.stderr, (bad, b.stderr)
     far = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", "hi", "--ficoco-v", "8"])
     assert far.returncode == 1 and "start_layer=12" in far.stderr, far.stderr
+def test_ficoco_l_answers_as_the_python_api(llava_tiny, image_path: Path) -> None:
+    """--ficoco-l N:L is pyvtrim.FiCoCoL(tokens=N, start_layer=L) (the tiny model has 2 layers: L = 1)."""
+    r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", QUESTION, "-n", "8", "-t", "2",
+              "-c", "1024", "--ficoco-l", "6:1"])
+    assert r.returncode == 0, r.stderr
+    with pyvtrim.Model(llava_tiny.gguf, n_ctx=1024, n_threads=2) as m:
+        expected = m.chat(str(image_path), QUESTION, max_tokens=8,
+                          reduce=pyvtrim.FiCoCoL(tokens=6, start_layer=1))
+        assert m.last_stats["n_image_tokens_kept"] == 6
+    assert r.stdout == expected + "\n"
+
+
+@pytest.mark.parametrize("value, what", [("0", "--ficoco-l 0"), ("x", "--ficoco-l x"), ("6:", "--ficoco-l"),
+                                         ("6:1:2", "--ficoco-l")])
+def test_ficoco_l_bad_values(llava_tiny, value: str, what: str) -> None:
+    r = _run(["-m", str(llava_tiny.gguf), "-p", "hi", "--ficoco-l", value])
+    assert r.returncode == 2 and what in r.stderr and r.stdout == "", r.stderr
+
+
+def test_ficoco_l_refused_by_the_model(llava_tiny, image_path: Path) -> None:
+    """The default start layer (4) does not fit the 2-layer model: the library's reason, before any answer."""
+    r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", QUESTION, "--ficoco-l", "6"])
+    assert r.returncode != 0 and "start_layer=4" in r.stderr and r.stdout == "", r.stderr

@@ -82,7 +82,7 @@ def policies(pyvtrim, spec: str) -> list:
 
 
 def run_one(path: str, reduce_spec: str, threads: int, n_decode: int, reps: int) -> dict:
-    """One configuration, in this process. reduce_spec: "none" or "fastv:K:R"."""
+    """One configuration, in this process; reduce_spec as policies() reads it."""
     import resource
 
     import numpy as np

@@ -18,6 +18,7 @@
 struct options {
     const char * model, * mmproj, * image, * prompt;
     long n_predict, n_threads, n_ctx, top_k, ficoco_v, ficoco_v_layer;
+    long ficoco_l, ficoco_l_start;   // FiCoCo-L's image tokens per image (0: off) and first layer (-1: 4)
     float temperature, top_p;
     unsigned long long seed;
 };
@@ -42,6 +43,8 @@ static const char * k_usage =
     "      --seed S         sampling seed (default 0)\n"
     "      --ficoco-v N[:L] FiCoCo-V: merge each image's patches inside the vision tower down to N tokens,\n"
     "                       from vision layer L on (default 12; e.g. 64 or 64:12; LLaVA)\n"
+    "      --ficoco-l N[:L] FiCoCo-L: merge each image's tokens inside the decoder, from layer L on\n"
+    "                       (default 4), down to N (e.g. 64; LLaVA)\n"
     "  -h, --help           this text\n"
     "      --version        the library's version and backends\n"
     "\n"
@@ -85,8 +88,8 @@ static int parse_float(const char * argv0, const char * opt, const char * v, flo
     return 0;
 }
 
-// --ficoco-v N or N:L
-static int parse_ficoco_v(const char * argv0, const char * opt, const char * v, struct options * o) {
+// --ficoco-v / --ficoco-l N or N:L; *layer = -1 without L
+static int parse_tokens_layer(const char * argv0, const char * opt, const char * v, long * tokens, long * start) {
     char * end = NULL;
     errno = 0;
     const long n = strtol(v, &end, 10);
@@ -102,8 +105,8 @@ static int parse_ficoco_v(const char * argv0, const char * opt, const char * v, 
     if (errno || end == v || *end || n < 1 || n > INT_MAX || layer < -1 || layer > INT_MAX) {
         return bad_value(argv0, opt, v, "N or N:L (tokens >= 1, start layer >= 0), e.g. 64 or 64:12");
     }
-    o->ficoco_v = n;
-    o->ficoco_v_layer = layer;
+    *tokens = n;
+    *start = layer;
     return 0;
 }
 
@@ -138,7 +141,8 @@ static int parse(int argc, char ** argv, struct options * o) {
         else if (!strcmp(a, "--temp")) rc = parse_float(argv0, a, v, 0.0f, 100.0f, &o->temperature);
         else if (!strcmp(a, "--top-k")) rc = parse_long(argv0, a, v, 0, INT_MAX, &o->top_k);
         else if (!strcmp(a, "--top-p")) rc = parse_float(argv0, a, v, 0.0f, 1.0f, &o->top_p);
-        else if (!strcmp(a, "--ficoco-v")) rc = parse_ficoco_v(argv0, a, v, o);
+        else if (!strcmp(a, "--ficoco-v")) rc = parse_tokens_layer(argv0, a, v, &o->ficoco_v, &o->ficoco_v_layer);
+        else if (!strcmp(a, "--ficoco-l")) rc = parse_tokens_layer(argv0, a, v, &o->ficoco_l, &o->ficoco_l_start);
         else if (!strcmp(a, "--seed")) {
             char * end = NULL;
             errno = 0;
@@ -387,10 +391,16 @@ int main(int argc, char ** argv) {
     vtrim_ficoco_v_default(&fv);
     fv.tokens = (int32_t) o.ficoco_v;
     fv.start_layer = o.ficoco_v_layer >= 0 ? (int32_t) o.ficoco_v_layer : fv.start_layer;
+    struct vtrim_ficoco_l_params fl;
+    vtrim_ficoco_l_default(&fl);
+    fl.tokens = (int32_t) o.ficoco_l;
+    fl.start_layer = o.ficoco_l_start >= 0 ? (int32_t) o.ficoco_l_start : fl.start_layer;
     if (vtrim_context_init(model, &cp, &ctx) != 0) {
         rc = fail("context");
     } else if (o.ficoco_v > 0 && vtrim_reduce_add_ficoco_v(ctx, &fv) != 0) {
         rc = fail("--ficoco-v");
+    } else if (o.ficoco_l > 0 && vtrim_reduce_add_ficoco_l(ctx, &fl) != 0) {
+        rc = fail("--ficoco-l");
     } else if (o.image && vtrim_image_from_file(o.image, &image) != 0) {
         rc = fail("image");
     } else if (vtrim_sampler_init(&sp, &smp) != 0) {

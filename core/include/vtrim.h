@@ -136,7 +136,8 @@ enum vtrim_reduce_method {
     VTRIM_REDUCE_FASTV = 1,     /* FastV: drop image tokens after decoder layer K by layer K-1's attention */
     VTRIM_REDUCE_TRIM  = 2,     /* Trimmed Llama: trim the cross-attended image states at the first cross layer */
     /* FiCoCo-V: merge patches inside LLaVA's vision tower (filter, correlate, compress) */
-    VTRIM_REDUCE_FICOCO_V = 3
+    VTRIM_REDUCE_FICOCO_V = 3,
+    VTRIM_REDUCE_FICOCO_L = 4   /* FiCoCo-L: merge image rows into their kin between decoder layers */
 };
 
 enum vtrim_hook {
@@ -180,6 +181,15 @@ struct vtrim_ficoco_v_params {
     int32_t start_layer;        /* first vision layer (0-based) that merges, in [0, f] (default 12) */
     float   lam;                /* weight of the patch-patch redundancy against CLS attention, [0, 1] (0.35) */
     float   eps;                /* each dropped patch merges into max(1, ceil((1 - eps) * kept)) targets, [0, 1] (0.998) */
+};
+
+/* FiCoCo-L (arXiv 2411.17686) on LLaVA: a filter-correlate-compress step at each hook between decoder
+ * layers l-1 and l, l = start_layer .. n_layer-1, until `tokens` rows of each image are left. */
+struct vtrim_ficoco_l_params {
+    int32_t tokens;             /* image rows kept per image, in [1, N] (default 64) */
+    int32_t start_layer;        /* the first layer on reduced rows, in [1, n_layer - 1] (default 4) */
+    float   beta;               /* weight of the image-image term of the redundancy, in [0, 1] (default 0.6) */
+    float   eps;                /* correlate: each dropped row merges into its top ceil((1 - eps) kept) (0.998) */
 };
 
 /* What one policy did in the last prefill. */
@@ -295,11 +305,13 @@ VTRIM_API int32_t vtrim_graph_ops(const struct vtrim_context * ctx, char * text,
 VTRIM_API void    vtrim_fastv_default(struct vtrim_fastv_params * p);
 VTRIM_API void    vtrim_trim_default(struct vtrim_trim_params * p);
 VTRIM_API void    vtrim_ficoco_v_default(struct vtrim_ficoco_v_params * p);
+VTRIM_API void    vtrim_ficoco_l_default(struct vtrim_ficoco_l_params * p);
 /* Check the policy against the model (VTRIM_ERR_INVALID_ARG with the reason: a parameter out of range, or
  * a method that does not apply to this architecture) and append it; on error nothing changes. */
 VTRIM_API int32_t vtrim_reduce_add_fastv(struct vtrim_context * ctx, const struct vtrim_fastv_params * p);
 VTRIM_API int32_t vtrim_reduce_add_trim(struct vtrim_context * ctx, const struct vtrim_trim_params * p);
 VTRIM_API int32_t vtrim_reduce_add_ficoco_v(struct vtrim_context * ctx, const struct vtrim_ficoco_v_params * p);
+VTRIM_API int32_t vtrim_reduce_add_ficoco_l(struct vtrim_context * ctx, const struct vtrim_ficoco_l_params * p);
 VTRIM_API int32_t vtrim_reduce_clear(struct vtrim_context * ctx);
 VTRIM_API int32_t vtrim_get_reduce_stage(const struct vtrim_context * ctx, int32_t i, struct vtrim_reduce_stage * out);
 /* The image rows the decoder's last layers hold after the last prefill, as indices into that prefill's

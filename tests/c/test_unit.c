@@ -194,6 +194,53 @@ static void test_ficoco_step(void) {
     CHECK(vtrim_ficoco_step(cand, 4, attn, 5, score, 4, 0.998f, keep2, &out) == VTRIM_ERR_STATE);   // r = n
 }
 
+static void test_ficoco_l(void) {
+    struct vtrim_ficoco_l_params p;
+    vtrim_ficoco_l_default(&p);
+    CHECK(p.tokens == 64 && p.start_layer == 4 && p.beta == 0.6f && p.eps == 0.998f);
+    // validate and steps: layers start_layer .. n_layer - 1
+    struct vtrim_reduce_caps caps = { .n_layer = 8, .image_rows_in_decoder = true, .first_cross_layer = -1,
+                                      .vision_grid = 2 };
+    struct vtrim_policy_list l = { 0 };
+    p.tokens = 5;                                        // N = 2 x 2
+    CHECK(vtrim_policy_list_add(&l, &vtrim_reducer_ficoco_l, &p, &caps) == VTRIM_ERR_INVALID_ARG);
+    p.tokens = 2;
+    p.start_layer = 8;
+    CHECK(vtrim_policy_list_add(&l, &vtrim_reducer_ficoco_l, &p, &caps) == VTRIM_ERR_INVALID_ARG);
+    p.start_layer = 5;
+    caps.image_rows_in_decoder = false;
+    CHECK(vtrim_policy_list_add(&l, &vtrim_reducer_ficoco_l, &p, &caps) == VTRIM_ERR_INVALID_ARG);
+    caps.image_rows_in_decoder = true;
+    CHECK(vtrim_policy_list_add(&l, &vtrim_reducer_ficoco_l, &p, &caps) == 0);
+    CHECK(l.n == 1 && l.items[0].n_steps == 3 && l.items[0].step_layers[0] == 5 && l.items[0].step_layers[2] == 7);
+    vtrim_policy_list_free(&l);
+
+    // rows: text 0, image 1..4, text 5, image 6..9, text 10 11 (T); tokens 2 over 2 steps: step 0 drops 1 each
+    enum { n = 12 };
+    const bool is_image[n] = { 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 0 };
+    const int32_t off[] = { 1, 6 }, len[] = { 4, 4 };
+    float attn[n * n] = { 0 };
+    attn[2 * n + 1] = attn[2 * n + 3] = attn[2 * n + 4] = 1.0f;   // row 2: like its image's rows, s = 0.6
+    attn[10 * n + 3] = 1.0f;                                      // row 3: the text looks at it, s = -0.2
+    // image 2: all ties: the lower row (6) goes, into the lower kept row (7)
+    int32_t kept[n], src[n], dst[n];
+    float w[n];
+    struct vtrim_reduce_output out = { .kept = kept, .merge_src = src, .merge_dst = dst, .merge_w = w,
+                                       .merge_cap = n };
+    struct vtrim_reduce_input in = { .n = n, .is_image = is_image, .n_groups = 2, .group_off = off,
+                                     .group_len = len, .attn = attn, .step = 0, .n_steps = 2 };
+    CHECK(vtrim_reducer_ficoco_l.apply(&p, &in, &out) == 0);
+    const int32_t want[] = { 0, 1, 3, 4, 5, 7, 8, 9, 10, 11 };
+    CHECK(out.n_kept == 10 && memcmp(kept, want, sizeof want) == 0);
+    CHECK(out.n_merge == 2 && src[0] == 2 && dst[0] == 1 && w[0] == 1.0f && src[1] == 6 && dst[1] == 7);
+    // the last step drops what is left over tokens: 2 of each image's 4
+    in.step = 1;
+    CHECK(vtrim_reducer_ficoco_l.apply(&p, &in, &out) == 0 && out.n_kept == 8 && out.n_merge == 4);
+    // tokens >= the rows: nothing goes
+    p.tokens = 4;
+    CHECK(vtrim_reducer_ficoco_l.apply(&p, &in, &out) == 0 && out.n_kept == n && out.n_merge == 0);
+}
+
 #ifdef VTRIM_UNIT_GGML
 #include "attn_probe.h"
 #include "kv/kv_cache.h"
@@ -321,6 +368,7 @@ int main(void) {
     test_fastv_apply();
     test_trim_apply();
     test_ficoco_step();
+    test_ficoco_l();
 #ifdef VTRIM_UNIT_GGML
     test_kv_cache();
     test_logits_head_mean();

@@ -33,6 +33,10 @@ int32_t vtrim_reduce_add_ficoco_v(struct vtrim_context * c, const struct vtrim_f
     return add(c, &vtrim_reducer_ficoco_v, p, "vtrim_reduce_add_ficoco_v");
 }
 
+int32_t vtrim_reduce_add_ficoco_l(struct vtrim_context * c, const struct vtrim_ficoco_l_params * p) {
+    return add(c, &vtrim_reducer_ficoco_l, p, "vtrim_reduce_add_ficoco_l");
+}
+
 int32_t vtrim_reduce_clear(struct vtrim_context * c) {
     if (!c) {
         return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_reduce_clear: ctx is NULL");

@@ -46,9 +46,9 @@ struct vtrim_reduce_input {
     // original order, so ties by index are ties by original index. NULL: the identity.
     const int32_t * orig;
     int32_t        step;        // multi-step methods: this step, 0-based, of the policy's n_steps
-    // Encoder hooks: the policy's step count, and the tower's patch grid (patches per side): candidate 0 is
-    // the CLS row, orig k >= 1 is patch k - 1 of the grid, row-major.
-    int32_t        n_steps;
+    int32_t        n_steps;     // the policy's n_steps (as its n_steps() said for this model)
+    // Encoder hooks: the tower's patch grid (patches per side): candidate 0 is the CLS row, orig k >= 1 is
+    // patch k - 1 of the grid, row-major.
     int32_t        grid;
 };
 
@@ -92,6 +92,7 @@ struct vtrim_reducer {
 extern const struct vtrim_reducer vtrim_reducer_fastv;   // reduce/fastv.c
 extern const struct vtrim_reducer vtrim_reducer_trim;    // reduce/trim.c
 extern const struct vtrim_reducer vtrim_reducer_ficoco_v;   // reduce/ficoco_v.c
+extern const struct vtrim_reducer vtrim_reducer_ficoco_l;   // reduce/ficoco_l.c
 
 // One method with its params (a copy) at its layer; a multi-step method at each of its step layers.
 struct vtrim_policy {

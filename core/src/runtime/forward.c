@@ -29,7 +29,8 @@ int32_t vtrim_rows_keep(const struct vtrim_rows * from, const int32_t * kept, in
     to->pos = malloc(sizeof(int32_t) * (size_t) n_kept);
     to->hidden = malloc(sizeof(float) * (size_t) n_kept * n_embd);
     to->is_image = malloc(sizeof(bool) * (size_t) n_kept);
-    if (!to->pos || !to->hidden || !to->is_image) {
+    to->image_row = from->image_row ? malloc(sizeof(int32_t) * (size_t) n_kept) : NULL;
+    if (!to->pos || !to->hidden || !to->is_image || (from->image_row && !to->image_row)) {
         vtrim_rows_free(to);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
     }
@@ -37,6 +38,9 @@ int32_t vtrim_rows_keep(const struct vtrim_rows * from, const int32_t * kept, in
         const int32_t i = kept[j];
         to->pos[j] = from->pos[i];
         to->is_image[j] = from->is_image[i];
+        if (to->image_row) {
+            to->image_row[j] = from->image_row[i];
+        }
         memcpy(to->hidden + (size_t) j * n_embd, h + (size_t) i * n_embd, sizeof(float) * (size_t) n_embd);
     }
     return 0;
@@ -60,7 +64,8 @@ struct scratch {
 
 // One chunk: rows [a, b).
 static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows * rows, int32_t a, int32_t b, int il0,
-                             int il1, float * h_out, float * h_in_last, bool logits, struct scratch * s) {
+                             int il1, float * h_out, float * h_in_last, float * q_last, bool logits,
+                             struct scratch * s) {
     const struct vtrim_model * m = c->model;
     const int32_t n = b - a, n_embd = m->text.n_embd;
     int32_t n_text = 0, n_image = 0;
@@ -86,7 +91,7 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
         return rc;
     }
     const int want = (logits && b == rows->n ? VTRIM_WANT_LOGITS : 0) | (h_out ? VTRIM_WANT_HIDDEN : 0) |
-                     (h_in_last ? VTRIM_WANT_H_IN_LAST : 0);
+                     (h_in_last ? VTRIM_WANT_H_IN_LAST : 0) | (q_last ? VTRIM_WANT_Q_LAST : 0);
     const struct vtrim_decoder_ext * ext = m->arch->decoder_ext ? m->arch->decoder_ext(c) : NULL;
     struct vtrim_llama_inputs in;
     struct vtrim_llama_outputs out;
@@ -118,8 +123,9 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
             { out.hidden, out.hidden ? h_out + (size_t) a * n_embd : NULL },
             { out.h_in_last, out.h_in_last ? h_in_last + (size_t) a * n_embd : NULL },
             { out.logits, c->logits },
+            { out.q_last, out.q_last ? q_last + (size_t) a * m->text.head_dim * m->text.n_head : NULL },
         };
-        rc = vtrim_context_graph_exec(c, gf, io_in, 5 + n_ext, io_out, 3);
+        rc = vtrim_context_graph_exec(c, gf, io_in, 5 + n_ext, io_out, 4);
     }
     if (rc == 0) {
         c->has_logits |= out.logits != NULL;
@@ -135,7 +141,7 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
 }
 
 int32_t vtrim_forward(struct vtrim_context * c, const struct vtrim_rows * rows, int il0, int il1, float * h_out,
-                      float * h_in_last, bool logits) {
+                      float * h_in_last, float * q_last, bool logits) {
     const int32_t n_batch = c->params.n_batch, n_embd = c->model->text.n_embd;
     int32_t max_cached = 0;
     for (int il = il0; il < il1; il++) {
@@ -154,7 +160,7 @@ int32_t vtrim_forward(struct vtrim_context * c, const struct vtrim_rows * rows, 
                  : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for a pass of %d rows", rows->n);
     for (int32_t a = 0; a < rows->n && rc == 0; a += n_batch) {
         const int32_t b = a + n_batch < rows->n ? a + n_batch : rows->n;
-        rc = forward_chunk(c, rows, a, b, il0, il1, h_out, h_in_last, logits, &s);
+        rc = forward_chunk(c, rows, a, b, il0, il1, h_out, h_in_last, q_last, logits, &s);
     }
     free(s.ids);
     free(s.order);
@@ -197,5 +203,35 @@ int32_t vtrim_probe_attention(struct vtrim_context * c, const struct vtrim_rows 
     free(h);
     free(pos);
     free(mask);
+    return rc;
+}
+
+int32_t vtrim_probe_logits(struct vtrim_context * c, const struct vtrim_rows * rows, const float * q, int il,
+                           float * attn) {
+    const struct vtrim_model * m = c->model;
+    const int32_t n = rows->n, k0 = c->kv.n[il] - n;
+    const int64_t hd = m->text.head_dim, nh = m->text.n_head;
+    // Query rows in chunks of n_batch: the [n, chunk, n_head] product is the probe's largest tensor.
+    const int32_t n_batch = c->params.n_batch;
+    int32_t rc = 0;
+    for (int32_t a = 0; a < n && rc == 0; a += n_batch) {
+        const int32_t n_q = a + n_batch < n ? n_batch : n - a;
+        struct ggml_context * gctx;
+        struct ggml_cgraph * gf;
+        rc = vtrim_context_graph_new(c, &gctx, &gf);
+        if (rc < 0) {
+            break;
+        }
+        struct ggml_tensor * tq = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, hd, nh, n_q);
+        ggml_set_input(tq);
+        struct ggml_tensor * p = vtrim_llama_build_logits_probe(gctx, m, &c->kv, il, tq, k0, n);
+        ggml_set_output(p);
+        ggml_build_forward_expand(gf, p);
+        // ggml_backend_tensor_set only reads the input
+        const struct vtrim_tensor_io in[] = { { tq, (float *) (uintptr_t) (q + (size_t) a * hd * nh) } };
+        const struct vtrim_tensor_io out[] = { { p, attn + (size_t) a * n } };
+        rc = vtrim_context_graph_run(c, gf, in, 1, out, 1);
+        ggml_free(gctx);
+    }
     return rc;
 }

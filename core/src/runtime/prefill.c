@@ -50,26 +50,31 @@ static int32_t run_prompt(struct vtrim_context * c, struct vtrim_rows * rows, bo
     const int32_t n_order = reduce ? vtrim_policy_list_order(&c->policies, VTRIM_HOOK_VISION_ENCODER, order) : 0;
     int il = 0;
     int32_t rc = 0;
-    for (int32_t i = 0; i < n_order && rc == 0; i++) {
+    // A decoder-hook policy fires at each of its step layers (its steps are consecutive in the prompt's
+    // order: policies of one hook do not interleave); a cross-attention one at its layer.
+    for (int32_t i = 0, step = 0; i < n_order && rc == 0; ) {
         const struct vtrim_policy * p = &c->policies.items[order[i]];
-        const int k = p->layer;
         const int32_t hook = p->r->hook;
+        const bool decoder = hook == VTRIM_HOOK_DECODER_LAYER, matrix = decoder && p->r->scores.matrix;
+        const int k = p->step_layers[step];
         if (hook == VTRIM_HOOK_AFTER_PREFILL || (hook == VTRIM_HOOK_CROSS_ATTN && !m->arch->cross_attn_stage)) {
             rc = vtrim_fail(VTRIM_ERR_UNSUPPORTED, "%s: no executor for its hook on this model", p->r->name);
             break;
         }
-        const bool decoder = hook == VTRIM_HOOK_DECODER_LAYER;
+        // A probe of layer k-1 needs its input states (probabilities of a few query rows, recomputed) or its
+        // queries (the logit matrix among all rows: capturing them costs a copy, recomputing a projection).
         float * h_out = malloc(sizeof(float) * (size_t) rows->n * n_embd);
-        float * h_in = decoder ? malloc(sizeof(float) * (size_t) rows->n * n_embd) : NULL;
-        rc = (h_out && (h_in || !decoder)) ? 0 : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for hidden states");
+        float * h_in = decoder && !matrix ? malloc(sizeof(float) * (size_t) rows->n * n_embd) : NULL;
+        float * q = matrix ? malloc(sizeof(float) * (size_t) rows->n * hp->head_dim * hp->n_head) : NULL;
+        rc = (h_out && (h_in || q || !decoder)) ? 0 : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for hidden states");
         for (int l = il; l < k && rc == 0; l++) {
             *flops += vtrim_layer_flops(hp, rows->n, c->kv.n[l]);
         }
         if (rc == 0) {
-            rc = vtrim_forward(c, rows, il, k, h_out, h_in, false);
+            rc = vtrim_forward(c, rows, il, k, h_out, h_in, q, false);
         }
         if (rc == 0 && decoder) {
-            rc = vtrim_stage_decoder(c, p, rows, h_out, h_in);
+            rc = vtrim_stage_decoder(c, p, step, rows, h_out, h_in, q);
             free(h_out);
         } else if (rc == 0) {
             // the rows go on from the states the hook saw
@@ -80,14 +85,19 @@ static int32_t run_prompt(struct vtrim_context * c, struct vtrim_rows * rows, bo
             free(h_out);
         }
         free(h_in);
+        free(q);
         il = k;
+        if (++step >= (decoder ? p->n_steps : 1)) {
+            step = 0;
+            i++;
+        }
     }
     free(order);
     for (int l = il; l < n_layer && rc == 0; l++) {
         *flops += vtrim_layer_flops(hp, rows->n, c->kv.n[l]);
     }
     if (rc == 0) {
-        rc = vtrim_forward(c, rows, il, n_layer, NULL, NULL, true);
+        rc = vtrim_forward(c, rows, il, n_layer, NULL, NULL, NULL, true);
     }
     return rc;
 }
@@ -265,7 +275,7 @@ int32_t vtrim_decode(struct vtrim_context * c, int32_t token) {
     bool is_image = false;
     struct vtrim_rows rows = { .n = 1, .pos = &pos, .token = &token, .is_image = &is_image };
     const int64_t t0 = ggml_time_us();
-    const int32_t rc = vtrim_forward(c, &rows, 0, m->text.n_layer, NULL, NULL, true);
+    const int32_t rc = vtrim_forward(c, &rows, 0, m->text.n_layer, NULL, NULL, NULL, true);
     if (rc < 0) {   // one chunk: the cache was not advanced
         c->has_logits = false;
         return rc;

@@ -22,59 +22,59 @@ struct vtrim_reduce_stage * vtrim_stage_new(struct vtrim_context * c, const stru
     return st;
 }
 
-int32_t vtrim_stage_decoder(struct vtrim_context * c, const struct vtrim_policy * p, struct vtrim_rows * rows,
-                            const float * h_out, const float * h_in) {
-    const struct vtrim_text_hparams * hp = &c->model->text;
-    const int il = p->layer - 1, n = rows->n;
-    if (p->r->scores.per_head || p->r->scores.pre_softmax) {
-        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "%s: the decoder-layer hook gives head-mean probabilities only",
-                          p->r->name);
+// The pass's image rows grouped per image: rows of one image are contiguous in the pass (they were in the
+// prompt and rows keep their order). Without image_row (rows that did not enter at layer 0): one group.
+static int32_t image_groups(const struct vtrim_context * c, const struct vtrim_rows * rows, int32_t * off,
+                            int32_t * len) {
+    if (!rows->image_row) {
+        return 0;
     }
-    const int32_t n_before = c->kv.n[il] - n;
-    int32_t * q_rows = malloc(sizeof(int32_t) * (size_t) n);
-    float * scores = malloc(sizeof(float) * (size_t) c->kv.n[il]);
-    int32_t * kept = malloc(sizeof(int32_t) * (size_t) n);
-    struct vtrim_rows out = {0};
-    int32_t rc = (q_rows && scores && kept) ? 0 : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
-    const int32_t n_rows = n, n_img = vtrim_rows_count_image(rows);
-    if (rc == 0) {
-        const int32_t n_q = p->r->query_rows(p->params, rows->is_image, n, q_rows);
-        rc = vtrim_probe_attention(c, rows, h_in, il, q_rows, n_q, scores);
+    int32_t n_groups = 0, image = -1, end = 0, last = -1;
+    for (int32_t i = 0; i < rows->n; i++) {
+        if (!rows->is_image[i]) {
+            continue;
+        }
+        while (rows->image_row[i] >= end && image + 1 < c->img.n_images) {
+            end += c->img.n_rows[++image];
+        }
+        if (image != last) {
+            off[n_groups] = i;
+            len[n_groups++] = 0;
+            last = image;
+        }
+        len[n_groups - 1]++;
     }
-    struct vtrim_reduce_output o = { .kept = kept };
-    if (rc == 0) {
-        const struct vtrim_reduce_input in = { .n = n, .is_image = rows->is_image, .scores = scores + n_before,
-                                               .n_head = 1 };
-        rc = p->r->apply(p->params, &in, &o);
+    return n_groups;
+}
+
+// Merges into h ([n][n_embd]) as the reducer's output says: x_j <- (x_j + sum w x_src) / (1 + sum w). Every
+// merge reads the states before any: sources are dropped rows, targets kept ones, so none is both.
+static int32_t merge_rows(float * h, int32_t n, int32_t n_embd, const struct vtrim_reduce_output * o) {
+    float * acc = calloc((size_t) n, sizeof(float));
+    if (!acc) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
     }
-    if (rc == 0 && o.n_merge > 0) {
-        rc = vtrim_fail(VTRIM_ERR_UNSUPPORTED, "%s: the decoder-layer hook does not merge rows", p->r->name);
+    for (int32_t i = 0; i < o->n_merge; i++) {
+        const float * src = h + (size_t) o->merge_src[i] * n_embd;
+        float * dst = h + (size_t) o->merge_dst[i] * n_embd;
+        for (int32_t e = 0; e < n_embd; e++) {
+            dst[e] += o->merge_w[i] * src[e];
+        }
+        acc[o->merge_dst[i]] += o->merge_w[i];
     }
-    if (rc == 0) {
-        rc = vtrim_rows_keep(rows, kept, o.n_kept, h_out, hp->n_embd, &out);
+    for (int32_t j = 0; j < o->n_kept; j++) {
+        float * dst = h + (size_t) o->kept[j] * n_embd;
+        const float scale = 1.0f / (1.0f + acc[o->kept[j]]);
+        for (int32_t e = 0; acc[o->kept[j]] != 0.0f && e < n_embd; e++) {
+            dst[e] *= scale;
+        }
     }
-    free(q_rows);
-    free(scores);
-    free(kept);
-    if (rc < 0) {
-        return rc;
-    }
-    vtrim_rows_free(rows);
-    *rows = out;
-    struct vtrim_reduce_stage * st = vtrim_stage_new(c, p);
-    const int32_t dropped = n_rows - rows->n, k = p->layer;
-    const int64_t row_bytes = 2 * (int64_t) ggml_row_size(c->kv.type, (int64_t) hp->head_dim * hp->n_head_kv);
-    st->n_in = n_img;
-    st->n_kept = vtrim_rows_count_image(rows);
-    for (int l = k; l < hp->n_layer; l++) {
-        st->kv_bytes_kept += (int64_t) (c->kv.n[l] + rows->n) * row_bytes;
-        st->flops_saved += vtrim_layer_flops(hp, n_rows, c->kv.n[l]) - vtrim_layer_flops(hp, rows->n, c->kv.n[l]);
-    }
-    st->kv_bytes_full = st->kv_bytes_kept + (int64_t) dropped * (hp->n_layer - k) * row_bytes;
+    free(acc);
     return 0;
 }
 
-// The policy's stage of this prefill, made on its first step.
+// The policy's stage of this prefill, made on its first step (a multi-step policy, or an encoder policy
+// over several images, records into one).
 static struct vtrim_reduce_stage * stage_of(struct vtrim_context * c, const struct vtrim_policy * p) {
     for (int32_t i = 0; i < c->n_stages; i++) {
         struct vtrim_reduce_stage * st = &c->stages[i];
@@ -83,6 +83,78 @@ static struct vtrim_reduce_stage * stage_of(struct vtrim_context * c, const stru
         }
     }
     return vtrim_stage_new(c, p);
+}
+
+int32_t vtrim_stage_decoder(struct vtrim_context * c, const struct vtrim_policy * p, int32_t step,
+                            struct vtrim_rows * rows, float * h_out, const float * h_in, const float * q) {
+    const struct vtrim_text_hparams * hp = &c->model->text;
+    const struct vtrim_score_request * req = &p->r->scores;
+    const int k = p->step_layers[step], il = k - 1, n = rows->n;
+    if (req->per_head || (req->pre_softmax && !req->matrix)) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "%s: the decoder-layer hook gives head-mean probabilities or the "
+                          "head-mean logit matrix only", p->r->name);
+    }
+    const int32_t n_before = c->kv.n[il] - n;
+    // A step that drops r of a group's c rows into m targets each makes r m <= r (c - r) <= c^2 / 4 merges.
+    const int32_t merge_cap = req->matrix ? n + n / 2 * ((n + 1) / 2) : n;
+    int32_t * ibuf = malloc(sizeof(int32_t) * (4 * (size_t) n + 2 * (size_t) merge_cap));   // q|kept|off|len|src|dst
+    float * scores = req->matrix ? NULL : malloc(sizeof(float) * (size_t) c->kv.n[il]);
+    float * attn = req->matrix ? malloc(sizeof(float) * (size_t) n * (size_t) n) : NULL;
+    float * w = malloc(sizeof(float) * (size_t) merge_cap);
+    struct vtrim_rows out = {0};
+    int32_t rc = (ibuf && (scores || attn) && w) ? 0 : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    const int32_t n_rows = n, n_img = vtrim_rows_count_image(rows);
+    int32_t n_groups = 0;
+    if (rc == 0 && req->matrix) {
+        rc = vtrim_probe_logits(c, rows, q, il, attn);
+        n_groups = image_groups(c, rows, ibuf + 2 * n, ibuf + 3 * n);
+    } else if (rc == 0) {
+        const int32_t n_q = p->r->query_rows(p->params, rows->is_image, n, ibuf);
+        rc = vtrim_probe_attention(c, rows, h_in, il, ibuf, n_q, scores);
+    }
+    struct vtrim_reduce_output o = { .kept = ibuf + n, .merge_src = ibuf + 4 * n,
+                                     .merge_dst = ibuf + 4 * n + merge_cap, .merge_w = w, .merge_cap = merge_cap };
+    if (rc == 0) {
+        const struct vtrim_reduce_input in = { .n = n, .is_image = rows->is_image,
+                                               .scores = scores ? scores + n_before : NULL, .n_head = 1,
+                                               .n_groups = n_groups, .group_off = ibuf + 2 * n,
+                                               .group_len = ibuf + 3 * n, .attn = attn, .orig = rows->pos,
+                                               .step = step, .n_steps = p->n_steps };
+        rc = p->r->apply(p->params, &in, &o);
+    }
+    if (rc == 0 && o.n_merge > 0) {
+        rc = merge_rows(h_out, n, hp->n_embd, &o);
+    }
+    if (rc == 0) {
+        rc = vtrim_rows_keep(rows, o.kept, o.n_kept, h_out, hp->n_embd, &out);
+    }
+    free(ibuf);
+    free(scores);
+    free(attn);
+    free(w);
+    if (rc < 0) {
+        return rc;
+    }
+    vtrim_rows_free(rows);
+    *rows = out;
+    // One record per policy: step 0 sets what went in and the KV bytes had nothing been dropped; each step
+    // takes off what its dropped rows would have cost in the layers from it on.
+    struct vtrim_reduce_stage * st = stage_of(c, p);
+    const int32_t dropped = n_rows - rows->n;
+    const int64_t row_bytes = 2 * (int64_t) ggml_row_size(c->kv.type, (int64_t) hp->head_dim * hp->n_head_kv);
+    if (step == 0) {
+        st->n_in = n_img;
+        for (int l = k; l < hp->n_layer; l++) {
+            st->kv_bytes_full += (int64_t) (c->kv.n[l] + n_rows) * row_bytes;
+        }
+        st->kv_bytes_kept = st->kv_bytes_full;
+    }
+    st->n_kept = vtrim_rows_count_image(rows);
+    st->kv_bytes_kept -= (int64_t) dropped * (hp->n_layer - k) * row_bytes;
+    for (int l = k; l < hp->n_layer; l++) {
+        st->flops_saved += vtrim_layer_flops(hp, n_rows, c->kv.n[l]) - vtrim_layer_flops(hp, rows->n, c->kv.n[l]);
+    }
+    return 0;
 }
 
 int32_t vtrim_stage_vision(struct vtrim_context * c, const struct vtrim_policy * p, const struct vtrim_vision_step * s,

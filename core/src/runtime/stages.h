@@ -1,4 +1,4 @@
-// The hook executors the runtime owns: a decoder-layer hook (FastV) and the vision-encoder hook. Each computes
+// The hook executors the runtime owns: a decoder-layer hook (FastV, FiCoCo-L) and the vision-encoder hook. Each computes
 // the scores its method asks for, calls the method's apply and carries out the answer; the cross-attention
 // hook is its architecture's (arch->cross_attn_stage).
 #pragma once
@@ -11,10 +11,13 @@ double vtrim_layer_flops(const struct vtrim_text_hparams * hp, double n, double 
 // A new stage record of the current prefill (zeroed, method and hook set).
 struct vtrim_reduce_stage * vtrim_stage_new(struct vtrim_context * ctx, const struct vtrim_policy * p);
 
-// rows just ran up to layer p->layer (h_out: their states after it - 1, h_in: entering it - 1): rank them by
-// layer p->layer - 1's attention, keep what the method says; rows becomes the kept rows.
-int32_t vtrim_stage_decoder(struct vtrim_context * ctx, const struct vtrim_policy * p, struct vtrim_rows * rows,
-                            const float * h_out, const float * h_in);
+// Step `step` of policy p: rows just ran up to layer K = p->step_layers[step] (h_out: their states after
+// K - 1; h_in: entering K - 1, for a probe of probabilities; q: K - 1's queries, for a matrix request).
+// Computes the scores the method asks for from layer K - 1 (head-mean probabilities of its query rows, or the
+// head-mean logit matrix among the rows), merges rows into h_out and keeps what the method says; rows
+// becomes the kept rows. A multi-step policy has one stage record.
+int32_t vtrim_stage_decoder(struct vtrim_context * ctx, const struct vtrim_policy * p, int32_t step,
+                            struct vtrim_rows * rows, float * h_out, const float * h_in, const float * q);
 
 // One step of an encoder policy inside the vision tower, for the image being encoded.
 struct vtrim_vision_step {

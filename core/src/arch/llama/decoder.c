@@ -131,6 +131,10 @@ int32_t vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, co
 
         struct ggml_tensor * q, * k;
         build_qk(ctx, m, l, cur, in->pos, &q, &k);
+        if (il == il1 - 1 && (want & VTRIM_WANT_Q_LAST)) {
+            out->q_last = q;
+            ggml_set_output(q);
+        }
         struct ggml_tensor * v = ggml_mul_mat(ctx, l->wv, cur);
 
         const size_t row = ggml_row_size(kv->type, n_embd_kv);
@@ -184,4 +188,14 @@ struct ggml_tensor * vtrim_llama_build_attn_probe(struct ggml_context * ctx, con
              NULL);
     return vtrim_attn_probe_mean(ctx, q, cache_view(ctx, kv, kv->k[il], hp, n_kv), *mask,
                                  1.0f / sqrtf((float) hp->head_dim));
+}
+
+struct ggml_tensor * vtrim_llama_build_logits_probe(struct ggml_context * ctx, const struct vtrim_model * m,
+                                                    const struct vtrim_kv_cache * kv, int il, struct ggml_tensor * q,
+                                                    int32_t k0, int32_t n_k) {
+    const struct vtrim_text_hparams * hp = &m->text;
+    const size_t row = ggml_row_size(kv->type, (int64_t) hp->head_dim * hp->n_head_kv);
+    struct ggml_tensor * k = ggml_view_3d(ctx, kv->k[il], hp->head_dim, hp->n_head_kv, n_k,
+                                          ggml_row_size(kv->type, hp->head_dim), row, row * (size_t) k0);
+    return vtrim_attn_logits_head_mean(ctx, q, k, 1.0f / sqrtf((float) hp->head_dim));
 }

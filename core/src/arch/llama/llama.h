@@ -55,12 +55,14 @@ enum vtrim_llama_want {
     VTRIM_WANT_LOGITS    = 1,   // logits of the last row ([n_vocab, 1]); needs il1 == n_layer
     VTRIM_WANT_HIDDEN    = 2,   // the rows' hidden states after layer il1 - 1
     VTRIM_WANT_H_IN_LAST = 4,   // the rows' hidden states entering layer il1 - 1 (to probe its attention)
+    VTRIM_WANT_Q_LAST    = 8,   // layer il1 - 1's queries, RoPE applied ([head_dim, n_head, n]: its logit matrix)
 };
 
 struct vtrim_llama_outputs {
     struct ggml_tensor * logits;
     struct ggml_tensor * hidden;
     struct ggml_tensor * h_in_last;
+    struct ggml_tensor * q_last;
 };
 
 // Layers [il0, il1) over n rows (n_text + n_image of them when il0 == 0), appending their K/V at row
@@ -76,3 +78,10 @@ int32_t vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, co
 struct ggml_tensor * vtrim_llama_build_attn_probe(struct ggml_context * ctx, const struct vtrim_model * m,
                                                   const struct vtrim_kv_cache * kv, int il, struct ggml_tensor * h,
                                                   struct ggml_tensor ** pos, struct ggml_tensor ** mask);
+
+// Head-mean pre-softmax logits of layer il (no mask; GQA keys repeated) for the queries q (the layer's own,
+// VTRIM_WANT_Q_LAST: [head_dim, n_head, n_q]) over the n_k cached keys from row k0: F32 [n_k, n_q]. Queries
+// and keys are the ones the layer's attention used.
+struct ggml_tensor * vtrim_llama_build_logits_probe(struct ggml_context * ctx, const struct vtrim_model * m,
+                                                    const struct vtrim_kv_cache * kv, int il, struct ggml_tensor * q,
+                                                    int32_t k0, int32_t n_k);
