@@ -51,11 +51,15 @@ int main(int argc, char ** argv) {
         return 1;
     }
     long warm_ctx = 0;
-    const int32_t ids[] = { 1, 15043, 3186 };
+    struct vtrim_model_info info;
+    vtrim_model_get_info(m, &info);
+    const int32_t ids[] = { 1, 100 % info.n_vocab, 200 % info.n_vocab };   // any vocabulary
     for (int i = 0; i < n_ctx; i++) {
         struct vtrim_context * c = NULL;
         if (vtrim_context_init(m, &cp, &c) != 0 || vtrim_prefill(c, ids, 3, NULL, 0) != 0) {
             fprintf(stderr, "context %d: %s\n", i, vtrim_last_error());
+            vtrim_context_free(c);
+            vtrim_model_free(m);
             return 1;
         }
         vtrim_context_free(c);
