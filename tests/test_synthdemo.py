@@ -1,17 +1,11 @@
-"""The shipped trained tiny VLM (pyvtrim/data/tiny-llava-synthvqa.gguf) and `pyvtrim demo` on it.
-
-The model's fidelity figures come from tools/eval_fidelity.py (bench/results/fidelity.json); here only what must
-hold for the demo to mean anything: the file is in the package, it answers from the image (well above the
-same questions on a blank image), and the demo prints the questions, answers, truths and what FastV kept.
-"""
+"""`pyvtrim demo` on a synthvqa model (`--model`): the picture's per-token map, the three questions with their
+truths, and what FastV kept. A random-weight LLaVA stands in for a trained one: the mechanics do not depend on
+the answers being right."""
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import pyvtrim
@@ -24,47 +18,6 @@ except pyvtrim.VtrimLibraryError as e:
     pytest.skip(f"libvtrim not available: {e}", allow_module_level=True)
 
 from test_api import _cli, _run  # noqa: E402
-
-N_CHECK = 150  # questions: enough to separate ~0.8 from ~0.4 (the 95% intervals are about +-0.07 wide)
-
-
-@pytest.fixture(scope="module")
-def trained():
-    path = synthdemo.trained_model_path()
-    assert path is not None, f"{synthdemo.TRAINED_MODEL} is not in pyvtrim/data"
-    with pyvtrim.Model(str(path), n_ctx=512, n_threads=2) as m:
-        yield m
-
-
-def _summary() -> dict:
-    return json.loads(Path(_ffi.data_path(synthdemo.TRAINED_SUMMARY)).read_text())
-
-
-def test_shipped_summary_records_the_training() -> None:
-    s = _summary()
-    for key in ("seed", "eval_seed", "final_accuracy", "blank_image_accuracy", "train_seconds"):
-        assert key in s, key
-    assert s["seed"] != s["eval_seed"]
-
-
-def test_trained_model_reads_the_image(trained) -> None:
-    """Fresh questions (a seed neither training nor its held-out checks used): the model's answers beat the
-    same model on a blank image by a wide margin, and its accuracy is near the recorded one."""
-    qa = sv.held_out(3000, N_CHECK)
-    scenes = [s for s, _ in qa]
-    got = synthdemo.ask(trained, scenes[0], [qa[0][1]])  # the helper the demo uses, on one question
-    assert got[0].n_image_tokens == 144 and got[0].n_kept == 144
-    ok, ok_blank = [], []
-    blank = sv.blank_image()
-    for s, q in qa:
-        toks = trained.tokenize(sv.prompt(q.text))
-        for img, acc in ((s.image, ok), (blank, ok_blank)):
-            word = trained.detokenize([int(np.argmax(trained.forward(toks, [img])))], remove_leading_space=True)
-            acc.append(word.strip() == q.answer)
-    acc, acc_blank = float(np.mean(ok)), float(np.mean(ok_blank))
-    recorded = _summary()["final_accuracy"]
-    assert acc >= acc_blank + 0.2, (acc, acc_blank)
-    assert abs(acc - recorded) < 0.1, (acc, recorded)  # 150 questions: sampling error ~0.04 (1 sd)
 
 
 def test_patch_grid_marks_objects_and_kept_patches() -> None:
@@ -95,16 +48,3 @@ def test_cli_demo_mechanics(llava_tiny, tmp_path: Path) -> None:
     assert len(grids) == 10  # the picture, then what FastV kept
     kept_cells = sum(ch.isupper() or ch == "+" for ln in grids[5:] for ch in ln.split())
     assert kept_cells == 12
-
-
-def test_cli_demo_trained(tmp_path: Path) -> None:
-    t0 = time.perf_counter()
-    r = _run(_cli() + ["demo", "--seed", "7", "--threads", "2", "--fastv", "2:0.5"], tmp_path, timeout=90)
-    elapsed = time.perf_counter() - t0
-    assert r.returncode == 0, r.stderr
-    scene = sv.sample(7, 0)
-    for q in sv.questions(scene, 3):
-        assert q.text in r.stdout and f"truth: {q.answer}" in r.stdout
-    assert r.stdout.count("72/144 image tokens kept") == 3
-    assert "what FastV 2:0.5 kept" in r.stdout
-    assert elapsed < 30, f"the demo took {elapsed:.1f} s"
