@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "of the cross-attended image features (e.g. 0.25; Llama-3.2-Vision)")
     _add_runtime_args(chat)
 
-    demo = sub.add_parser("demo", help="ask a synthvqa-trained tiny VLM about a synthetic picture (else random weights)")
+    demo = sub.add_parser("demo", help="ask a synthvqa-trained tiny VLM about a synthetic picture")
     demo.add_argument("--seed", type=int, default=None, help="the picture's seed (default: a new one each run)")
     demo.add_argument("--model", help="a GGUF trained on pyvtrim.synthvqa (default: the shipped one)")
     demo.add_argument("--fastv", metavar="K:R", help="answer with FastV too (e.g. 2:0.5) and show what it kept")
