@@ -3,7 +3,9 @@
     pyvtrim chat llava.gguf --image cat.jpg --prompt "What is on the table?"
     pyvtrim chat llava.gguf --image cat.jpg          # interactive, multi-turn; empty line, EOF or
                                                      # Ctrl-C at the prompt quits, Ctrl-C in an answer stops it
-    pyvtrim demo                                     # a tiny random-weight model, end to end
+    pyvtrim demo                                     # the trained tiny VLM: a synthetic picture, 3 questions
+    pyvtrim demo --fastv 2:0.5                       # the same with FastV, and what it kept
+    pyvtrim demo --random-weights                    # a random-weight LLaVA of real-ish shape, end to end
     pyvtrim convert ...                              # HF -> GGUF (see `pyvtrim convert --help`)
     pyvtrim info llava.gguf
 
@@ -85,8 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "from layer L on (default 4), down to N (e.g. 64; LLaVA)")
     _add_runtime_args(chat)
 
-    demo = sub.add_parser("demo", help="run a tiny random-weight LLaVA model end to end")
-    demo.add_argument("--max-tokens", type=_int_at_least(0), default=32)
+    demo = sub.add_parser("demo", help="ask a synthvqa-trained tiny VLM about a synthetic picture")
+    demo.add_argument("--seed", type=int, default=None, help="the picture's seed (default: a new one each run)")
+    demo.add_argument("--model", help="a GGUF trained on pyvtrim.synthvqa (default: the shipped one)")
+    demo.add_argument("--fastv", metavar="K:R", help="answer with FastV too (e.g. 2:0.5) and show what it kept")
+    demo.add_argument("--random-weights", action="store_true",
+                      help="run the random-weight demo model instead (the pipeline only; gibberish answers)")
+    demo.add_argument("--max-tokens", type=_int_at_least(0), default=32, help="with --random-weights")
     demo.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads (default: all cores)")
 
     sub.add_parser("convert", help="convert a Hugging Face checkpoint to GGUF", add_help=False)
@@ -246,6 +253,54 @@ def demo_image(size: int = 336) -> np.ndarray:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .synthdemo import trained_model_path
+
+    trained = None if args.random_weights else (args.model or trained_model_path())
+    if trained is not None:
+        return _demo_trained(args, trained)
+    if not args.random_weights:
+        print("pyvtrim demo: no trained model in this installation; running the random-weight one",
+              file=sys.stderr)
+    return _demo_random(args)
+
+
+def _demo_trained(args: argparse.Namespace, path: Any) -> int:
+    from . import synthvqa as sv
+    from . import synthdemo
+    from .model import Model
+
+    seed = args.seed if args.seed is not None else int(time.time() * 1000) % 1_000_000 + 10_000
+    scene = sv.sample(seed, 0)
+    questions = sv.questions(scene, 3)
+    fastv = reduce_of(argparse.Namespace(fastv=args.fastv, trim=None)) if args.fastv else []
+    with Model(path, n_threads=args.threads, n_ctx=512) as m:
+        info = m.info
+        plain = synthdemo.ask(m, scene, questions)
+        reduced = synthdemo.ask(m, scene, questions, reduce=fastv) if fastv else None
+    print(f"model: {info['name']!r} ({path}), {info['n_params'] / 1e6:.2f} M params, "
+          f"{plain[0].n_image_tokens} image tokens")
+    print(f"picture (seed {seed}): {synthdemo.describe(scene)}")
+    grid = int(round(plain[0].n_image_tokens ** 0.5))
+    for line in synthdemo.patch_grid(scene, grid=grid):
+        print("   " + line)
+    for i, a in enumerate(plain):
+        mark = "right" if a.correct else "WRONG"
+        line = f"Q{i + 1} {a.question.text}  ->  {a.answer}  (truth: {a.question.answer}; {mark}; {a.ms:.0f} ms)"
+        if reduced is not None:
+            b = reduced[i]
+            line += (f"\n   with FastV {args.fastv}: {b.answer} ({'right' if b.correct else 'WRONG'}; "
+                     f"{b.n_kept}/{b.n_image_tokens} image tokens kept; {b.ms:.0f} ms)")
+        print(line)
+    if reduced is not None:
+        print(f"what FastV {args.fastv} kept for Q1 (upper case / +: kept, lower case / .: dropped):")
+        for line in synthdemo.patch_grid(scene, reduced[0].kept_patches, grid=grid):
+            print("   " + line)
+    n_ok = sum(a.correct for a in plain)
+    print(f"{n_ok}/3 right" + (f"; with FastV {sum(b.correct for b in reduced)}/3" if reduced is not None else ""))
+    return 0
+
+
+def _demo_random(args: argparse.Namespace) -> int:
     from .demo import write_demo_model
     from .model import Model
 

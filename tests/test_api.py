@@ -325,7 +325,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
 
 def test_cli_demo(tmp_path: Path) -> None:
     t0 = time.perf_counter()
-    r = _run(_cli() + ["demo", "--max-tokens", "4", "--threads", "2"], tmp_path, timeout=90)
+    r = _run(_cli() + ["demo", "--random-weights", "--max-tokens", "4", "--threads", "2"], tmp_path, timeout=90)
     elapsed = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr
     assert "image tokens" in r.stdout and "gibberish" in r.stdout

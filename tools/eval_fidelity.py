@@ -18,8 +18,16 @@ Configs:
                        (--hf-dir) with the FastV reference of the tests (tests/reference/fastv_reference.py) given random
                        kept rows; engine "transformers". The "fastv-ref:K:R" config runs FastV the same way, to
                        show the two engines agree.
+  random-n:K:T         RANDOM pruning keeping T image tokens after layer K (K = 0: before the decoder), the
+                       baseline of the methods that give a token count (FiCoCo at N/3, N/6, N/9 = 48, 24, 16).
   hf                   transformers' LlavaForConditionalGeneration unreduced (engine "transformers"); the row
                        also reports how often its answer equals the runtime's ("agreement_with_runtime").
+  ficoco-v:T[:S]       pyvtrim.FiCoCoV(tokens=T, start_layer=S) (S default 0: this tower has 3 layers)
+  ficoco-l:T           pyvtrim.FiCoCoL(tokens=T)
+  vlcache:B            pyvtrim.VLCache(budget=B). VL-Cache shrinks the KV cache after the prefill, for decoding;
+                       so the prompt's last token is not prefilled but decoded: prefill all but "ASSISTANT:"'s
+                       last piece (with the policy), then decode that piece on the kept cache; its logits answer.
+  A config whose policy class this pyvtrim does not have (yet) is skipped with a message on stderr.
 """
 
 from __future__ import annotations
@@ -66,15 +74,35 @@ class Runtime:
         self.answer_ids = {w: self.m.tokenize(sv.prompt("x") + " " + w, add_special=True)[-1]
                            for w in sv.ANSWER_WORDS}
 
-    def answers(self, qa, reduce=None, blank=False):
+    def answers(self, qa, reduce=None, blank=False, decode_last=False):
+        """decode_last: prefill all but the last token (with reduce), then decode it (after-prefill policies)."""
         preds, kept = [], []
         for s, q in qa:
             toks = self.m.tokenize(sv.prompt(q.text))
             img = sv.blank_image() if blank else s.image
-            logits = self.m.forward(toks, [img], reduce=reduce)
+            if decode_last:
+                self.m.prefill(toks[:-1], [img], reduce=reduce)
+                logits = self.m.decode(toks[-1])
+            else:
+                logits = self.m.forward(toks, [img], reduce=reduce)
             preds.append(int(np.argmax(logits)))
             kept.append(self.m.last_stats.get("n_image_tokens_kept", N_IMAGE))
         return preds, kept
+
+
+def policy(name: str, **kw):
+    """pyvtrim.<name>(**kw), or None (with a message) when this pyvtrim has no such policy yet."""
+    import pyvtrim
+
+    cls = getattr(pyvtrim, name, None)
+    if cls is None:
+        print(f"skipping: pyvtrim has no {name} (not implemented in this build)", file=sys.stderr)
+        return None
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        print(f"skipping: pyvtrim.{name}({kw}) does not take these parameters: {e}", file=sys.stderr)
+        return None
 
 
 class Reference:
@@ -124,7 +152,7 @@ class Reference:
             out.append(int(logits.argmax()))
         return out
 
-    def random_pruned(self, qa, k: int, ratio: float, rng, batch: int = 32):
+    def random_pruned(self, qa, k: int, ratio: float, rng, batch: int = 32, n_keep=None):
         """Batched: layers < k on every row, then each question keeps int((1 - ratio) * N) random image rows
         (and every text row) at their original positions for layers >= k. The same arithmetic as the FastV
         reference's logits() with random kept rows (prompts right-padded; padding comes after the last row)."""
@@ -148,7 +176,8 @@ class Reference:
                 for layer in lm.layers[:k]:
                     h = layer(h, attention_mask=mask, position_ids=pos[None], position_embeddings=cos_sin)
                 rows = [i for i, t in enumerate(seqs[0]) if t == img_id]  # the same span in every prompt
-                n_keep = int(math.floor((1.0 - ratio) * len(rows) + 1e-6))
+                if n_keep is None:
+                    n_keep = int(math.floor((1.0 - ratio) * len(rows) + 1e-6))
                 keep_idx = []
                 for sq in seqs:
                     assert [i for i, t in enumerate(sq) if t == img_id] == rows
@@ -203,7 +232,7 @@ def main(argv=None):
         t0 = time.time()
         parts = cfg.split(":")
         kind = parts[0]
-        if kind in ("hf", "random", "fastv-ref", "random-check") and ref is None:
+        if kind in ("hf", "random", "random-n", "fastv-ref", "random-check") and ref is None:
             if args.hf_dir is None:
                 print(f"skipping {cfg}: needs --hf-dir", file=sys.stderr)
                 continue
@@ -233,18 +262,39 @@ def main(argv=None):
             k, r = int(parts[1]), float(parts[2])
             p = ref.pruned(qa, k, r)
             row("fastv", dict(k=k, ratio=r), "transformers", p, [int((1 - r) * N_IMAGE + 1e-6)] * len(p))
-        elif kind == "random":
-            k, r = int(parts[1]), float(parts[2])
+        elif kind in ("ficoco-v", "ficoco-l", "vlcache"):
+            if kind == "vlcache":
+                params = dict(budget=float(parts[1]))
+                pol = policy("VLCache", **params)
+            else:
+                params = dict(tokens=int(parts[1]))
+                if kind == "ficoco-v":
+                    params["start_layer"] = int(parts[2]) if len(parts) > 2 else 0
+                pol = policy("FiCoCoV" if kind == "ficoco-v" else "FiCoCoL", **params)
+            if pol is None:
+                continue
+            p, kept = rt.answers(qa, reduce=pol, decode_last=kind == "vlcache")
+            row(kind, params, "pyvtrim", p, kept)
+        elif kind in ("random", "random-n"):
+            k = int(parts[1])
+            if kind == "random":
+                r, n_keep = float(parts[2]), None
+                params = dict(k=k, ratio=r, seeds=args.random_seeds)
+                n_kept = int((1 - r) * N_IMAGE + 1e-6)
+            else:
+                r, n_keep = 0.0, int(parts[2])
+                params = dict(k=k, tokens=n_keep, seeds=args.random_seeds)
+                n_kept = n_keep
             accs, allp = [], []
             for rs in range(args.random_seeds):
-                p = ref.pruned(qa, k, r, rng=np.random.default_rng([args.seed, rs]))
+                p = ref.random_pruned(qa, k, r, np.random.default_rng([args.seed, rs]), n_keep=n_keep)
                 accs.append(float(np.mean(np.array(p) == gold)))
                 allp += p
             ok = np.array(allp) == np.tile(gold, args.random_seeds)
-            r_ = dict(model=name, method="random", params=dict(k=k, ratio=r, seeds=args.random_seeds),
+            r_ = dict(model=name, method="random", params=params,
                       engine="transformers", n=len(qa), accuracy=round(float(np.mean(accs)), 4),
                       ci95=wilson(int(ok.sum()), len(ok)), per_seed=[round(a, 4) for a in accs],
-                      retention=None, image_tokens_kept=float(int((1 - r) * N_IMAGE + 1e-6)))
+                      retention=None, image_tokens_kept=float(n_kept))
             rows.append(r_)
             print(json.dumps(r_), flush=True)
         else:

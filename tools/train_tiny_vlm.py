@@ -352,7 +352,13 @@ def main(argv=None):
     ap.add_argument("--warmup2", type=int, default=150)
     ap.add_argument("--steps1b", type=int, default=100, help="projector-only dense steps")
     ap.add_argument("--center", type=int, default=1, help="centre the projector output after stage 1b")
+    ap.add_argument("--init-std", type=float, default=0.0,
+                    help="re-initialise the projector's and decoder's matrices with this std (0: transformers' "
+                         "0.02, which at width 128 leaves attention near uniform for hundreds of steps)")
     ap.add_argument("--only-stage1", action="store_true", help="stop after stage 1 (saves stage1.pt)")
+    ap.add_argument("--train-embeddings", type=int, default=0,
+                    help="train the token embedding in stages 2-3 (its 32064 x d rows make AdamW's step slow; "
+                         "the few question words are told apart by their random rows as they are)")
     ap.add_argument("--gguf", type=Path, default=None, help="also convert the result to this GGUF")
     ap.add_argument("--outtype", default="f16", choices=("f32", "f16", "q8_0"))
     args = ap.parse_args(argv)
@@ -369,6 +375,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     hp = dict(DEFAULTS)
     model = build_model(hp).to(device)
+    if args.init_std > 0:
+        reinit([model.model.multi_modal_projector, model.model.language_model, model.lm_head], args.init_std)
     save_tokenizer_and_preprocessor(out)
     tok = AutoTokenizer.from_pretrained(str(out))
     prompts = Prompts(tok)
@@ -386,6 +394,9 @@ def main(argv=None):
         model.train()
         summary["evals"][tag] = dict(accuracy=round(acc, 4), by_kind=kinds)
         log(f"eval {tag}: held-out accuracy {acc:.4f} {kinds}")
+        if "@" in tag:  # a checkpoint to fall back on if the run is cut short
+            model.save_pretrained(str(out / "checkpoint"), safe_serialization=True)
+            (out / "checkpoint" / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return acc
 
     vt = model.model.vision_tower
@@ -466,7 +477,9 @@ def main(argv=None):
         loss, acc = trainer.answer_loss(trainer.packed_logits(feats, groups), qs)
         return loss, {"acc": acc}
 
-    t2 = run_stage("stage2", [{"params": list(proj.parameters()) + list(lm.parameters()) + list(head.parameters()),
+    lm.embed_tokens.weight.requires_grad_(bool(args.train_embeddings))
+    lm_params = [p for p in lm.parameters() if p.requires_grad]
+    t2 = run_stage("stage2", [{"params": list(proj.parameters()) + lm_params + list(head.parameters()),
                                "lr": args.lr2}], args.steps2, args.warmup2, step2, 50, evaluate, args.eval_every)
     summary["stage2"] = dict(steps=args.steps2, seconds=round(t2, 1), batch=args.batch, per_image=args.per_image,
                              curriculum=args.curriculum)
@@ -490,7 +503,7 @@ def main(argv=None):
     if args.steps3 > 0:
         t3 = run_stage("stage3", [
             {"params": list(vt.parameters()) + list(trainer.heads.parameters()), "lr": args.lr3 * 0.1},
-            {"params": list(proj.parameters()) + list(lm.parameters()) + list(head.parameters()), "lr": args.lr3}],
+            {"params": list(proj.parameters()) + lm_params + list(head.parameters()), "lr": args.lr3}],
             args.steps3, 30, step3, 50)
     summary["stage3"] = dict(steps=args.steps3, seconds=round(t3, 1), batch=args.batch, per_image=args.per_image)
 
@@ -512,6 +525,19 @@ def main(argv=None):
         convert(out, args.gguf, outtype=args.outtype)
         log(f"wrote {args.gguf} ({args.gguf.stat().st_size / 2**20:.1f} MiB)")
     return 0
+
+
+def reinit(modules, std: float) -> None:
+    """Every Linear / Embedding weight ~ N(0, std), biases 0 (norm weights stay 1)."""
+    import torch
+
+    with torch.no_grad():
+        for mod in modules:
+            for m in mod.modules() if isinstance(mod, torch.nn.Module) else []:
+                if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                    m.weight.normal_(0.0, std)
+                    if getattr(m, "bias", None) is not None:
+                        m.bias.zero_()
 
 
 def baselines(pool: Pool, ev, prompts) -> dict:
