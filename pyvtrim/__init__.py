@@ -28,7 +28,7 @@ from .errors import (
 )
 from .chat import Chat
 from .model import Model
-from .reduce import FastV, TrimCrossAttn
+from .reduce import FastV, TrimCrossAttn, VLCache
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "FastV",
     "Model",
     "TrimCrossAttn",
+    "VLCache",
     "VtrimBackendError",
     "VtrimClosedError",
     "VtrimContextFullError",

@@ -38,6 +38,13 @@ struct vtrim_reduce_input {
     const int32_t * group_len;
     const float *  hidden;      // encoder hooks: the rows' states [n][n_embd]; NULL elsewhere
     int32_t        n_embd;
+    // After-prefill hook: per decoder layer, the rows each KV head holds, what digest_layer made of the
+    // layer's attention (a density, scores [n_head_kv][layer_rows[il]]); NULL elsewhere.
+    int32_t        n_layer;
+    int32_t        n_head_kv;
+    const int32_t * layer_rows;
+    const float *  layer_density;
+    const float * const * layer_scores;
 };
 
 // What apply answers: the kept candidates in ascending order, and optionally merges: each dropped candidate
@@ -52,6 +59,21 @@ struct vtrim_reduce_output {
     int32_t   n_merge;
     // A cross-attention hook: the kept set applies to the ranking layer itself too (else from the next one).
     bool      include_hook_layer;
+    // After-prefill hook: per layer the rows each KV head keeps (layer_keep[il] <= layer_rows[il]) and which:
+    // layer_kept[il][h * layer_keep[il] + i], ascending per head (capacity n_head_kv * layer_rows[il]).
+    int32_t *  layer_keep;
+    int32_t ** layer_kept;
+};
+
+// What an after-prefill hook hands digest_layer for one layer: the causal softmax probabilities of the query
+// rows over the layer's cached rows, per query head: probs[(h * n_q + q) * n_kv + j]. Entry (q, j) is causally
+// valid when kv_pos[j] <= q_pos[q] (kv_pos: head 0's positions; rows that differ between heads all come
+// before every query row, so the validity is the same for every head).
+struct vtrim_layer_attn {
+    int32_t         n_q, n_head, n_head_kv, n_kv;
+    const float *   probs;
+    const int32_t * q_pos;
+    const int32_t * kv_pos;
 };
 
 struct vtrim_reducer {
@@ -70,10 +92,14 @@ struct vtrim_reducer {
     // (capacity n). NULL elsewhere (a cross hook's queries are the rows that see an image).
     int32_t (*query_rows)(const void * params, const bool * is_image, int32_t n, int32_t * q_rows);
     int32_t (*apply)(const void * params, const struct vtrim_reduce_input * in, struct vtrim_reduce_output * out);
+    // After-prefill hooks: one layer's attention -> *density and scores [n_head_kv][n_kv] (the per-layer
+    // summary apply reads, so that no hook holds every layer's probabilities at once). NULL elsewhere.
+    int32_t (*digest_layer)(const void * params, const struct vtrim_layer_attn * a, float * density, float * scores);
 };
 
 extern const struct vtrim_reducer vtrim_reducer_fastv;   // reduce/fastv.c
 extern const struct vtrim_reducer vtrim_reducer_trim;    // reduce/trim.c
+extern const struct vtrim_reducer vtrim_reducer_vlcache; // reduce/vlcache.c
 
 // One method with its params (a copy) at its layer.
 struct vtrim_policy {
