@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(e.g. 2:0.5; LLaVA)")
     chat.add_argument("--trim", metavar="K_RATIO", type=float, help="Trimmed Llama: each head keeps its top K_RATIO "
                       "of the cross-attended image features (e.g. 0.25; Llama-3.2-Vision)")
+    chat.add_argument("--vlcache", metavar="B", type=float, help="VL-Cache: after the prefill keep a mean fraction B "
+                      "of the KV cache per layer, chosen per layer and KV head (e.g. 0.1; LLaVA; after --fastv)")
     _add_runtime_args(chat)
 
     demo = sub.add_parser("demo", help="run a tiny random-weight LLaVA model end to end")
@@ -139,7 +141,7 @@ def _print_stream(pieces: Iterable[str], out: TextIO, t_start: float) -> Optiona
 
 def reduce_of(args: argparse.Namespace) -> List[Any]:
     """The reduction policies the chat flags ask for, in the order they apply."""
-    from .reduce import FastV, TrimCrossAttn
+    from .reduce import FastV, TrimCrossAttn, VLCache
 
     policies: List[Any] = []
     if args.fastv:
@@ -150,6 +152,10 @@ def reduce_of(args: argparse.Namespace) -> List[Any]:
             raise SystemExit(f"pyvtrim chat: --fastv {args.fastv!r}: expected K:R, e.g. 2:0.5") from None
     if args.trim is not None:
         policies.append(TrimCrossAttn(k_ratio=args.trim))
+    if args.vlcache is not None:
+        if not args.vlcache > 0:
+            raise SystemExit(f"pyvtrim chat: --vlcache {args.vlcache}: the budget must be > 0 (e.g. 0.1)")
+        policies.append(VLCache(budget=args.vlcache))
     return policies
 
 

@@ -67,6 +67,7 @@ def _check_run(m, proc, ref, prompt, images, budget, fastv=None):
     got = m.forward(ids, images, reduce=policies)
     assert np.array_equal(got, base)                      # the prefill's logits never change
     st, want = ref.prefill(hf_ids, pv, budget, fastv=fastv)
+    assert ref.last_margin > 1e-6                         # no near-tie decides a kept set (see the top)
     assert float(np.max(np.abs(got - want.numpy()))) <= 1e-3
     want_pos = ref.positions(st)
     got_pos = _runtime_positions(m)
@@ -215,3 +216,11 @@ def test_one_per_context(setup):
     with pytest.raises(ValueError):
         m.forward(m.tokenize(ONE_IMAGE), [_image(9, 30, 30)],
                   reduce=[pyvtrim.VLCache(budget=0.1), pyvtrim.VLCache(budget=0.2)])
+
+
+def test_mllama_refuses_with_the_reason(mllama_tiny):
+    """Llama-3.2-Vision's images are cross-attended states, not decoder rows: VL-Cache says so."""
+    with pyvtrim.Model(str(mllama_tiny.gguf), n_ctx=256, kv_type="f32", n_threads=2) as m:
+        ids = m.tokenize(m.chat_prompt("What is this?"))
+        with pytest.raises(ValueError, match="cross-attention"):
+            m.forward(ids, [_image(2, 40, 40)], reduce=pyvtrim.VLCache())

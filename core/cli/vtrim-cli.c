@@ -20,6 +20,7 @@ struct options {
     long n_predict, n_threads, n_ctx, top_k;
     float temperature, top_p;
     unsigned long long seed;
+    float vlcache;          // VL-Cache budget; < 0: off
 };
 
 static const char * k_usage =
@@ -40,6 +41,8 @@ static const char * k_usage =
     "      --top-k K        top-k filter when sampling (default 40; 0: off)\n"
     "      --top-p P        top-p filter when sampling (default 0.95; 1: off)\n"
     "      --seed S         sampling seed (default 0)\n"
+    "      --vlcache B      VL-Cache: after each prefill with the image, keep a mean fraction B of the KV\n"
+    "                       cache per layer (e.g. 0.1), chosen per layer and KV head (LLaVA models)\n"
     "  -h, --help           this text\n"
     "      --version        the library's version and backends\n"
     "\n"
@@ -85,7 +88,7 @@ static int parse_float(const char * argv0, const char * opt, const char * v, flo
 
 // 0: run; 1: done (help or version printed); -1: bad arguments (message printed).
 static int parse(int argc, char ** argv, struct options * o) {
-    *o = (struct options) { .n_predict = 256, .n_ctx = 4096, .top_k = 40, .top_p = 0.95f };
+    *o = (struct options) { .n_predict = 256, .n_ctx = 4096, .top_k = 40, .top_p = 0.95f, .vlcache = -1.0f };
     const char * slash = strrchr(argv[0], '/');
     const char * argv0 = slash ? slash + 1 : argv[0];
     for (int i = 1; i < argc; i++) {
@@ -114,6 +117,8 @@ static int parse(int argc, char ** argv, struct options * o) {
         else if (!strcmp(a, "--temp")) rc = parse_float(argv0, a, v, 0.0f, 100.0f, &o->temperature);
         else if (!strcmp(a, "--top-k")) rc = parse_long(argv0, a, v, 0, INT_MAX, &o->top_k);
         else if (!strcmp(a, "--top-p")) rc = parse_float(argv0, a, v, 0.0f, 1.0f, &o->top_p);
+        // the library says why a budget outside (0, n_layer] does not fit the model
+        else if (!strcmp(a, "--vlcache")) rc = parse_float(argv0, a, v, 0.0f, 1e6f, &o->vlcache);
         else if (!strcmp(a, "--seed")) {
             char * end = NULL;
             errno = 0;
@@ -358,8 +363,13 @@ int main(int argc, char ** argv) {
 
     struct conversation conv = { 0 };
     int rc = 0;
+    struct vtrim_vlcache_params vp;
+    vtrim_vlcache_default(&vp);
+    vp.budget = o.vlcache;
     if (vtrim_context_init(model, &cp, &ctx) != 0) {
         rc = fail("context");
+    } else if (o.vlcache >= 0.0f && vtrim_reduce_add_vlcache(ctx, &vp) != 0) {
+        rc = fail("--vlcache");
     } else if (o.image && vtrim_image_from_file(o.image, &image) != 0) {
         rc = fail("image");
     } else if (vtrim_sampler_init(&sp, &smp) != 0) {

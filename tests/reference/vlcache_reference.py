@@ -127,6 +127,9 @@ class VLCacheReference:
             scores.append(s)
         total = sum(dens)
         kept = []
+        # The smallest score gap between a kept and a dropped candidate of any (layer, head): the float order
+        # of ggml and torch may differ by ~1e-7 relative, so a smaller gap could flip a choice.
+        self.last_margin = math.inf
         for il in range(L):
             n = st.caches[il].pos[0].shape[0]
             beta = min(1.0, max(0.01, dens[il] / total * budget * L))
@@ -135,6 +138,9 @@ class VLCacheReference:
             per_head = []
             for g in range(self.n_kv):
                 old = sorted(range(n - w), key=lambda j: (-scores[il][g][j], j))
+                if 0 < k - w < len(old):
+                    gap = scores[il][g][old[k - w - 1]] - scores[il][g][old[k - w]]
+                    self.last_margin = min(self.last_margin, gap)
                 per_head.append(sorted(old[: k - w] + list(range(n - w, n))))
             kept.append(per_head)
         return kept
