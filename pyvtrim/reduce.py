@@ -143,4 +143,5 @@ def stage_dict(stage: Any) -> dict:
         "kv_bytes_full": stage.kv_bytes_full,
         "kv_bytes_kept": stage.kv_bytes_kept,
         "flops_saved": stage.flops_saved,
+        "t_ms": stage.t_ms,
     }

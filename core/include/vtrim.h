@@ -189,6 +189,8 @@ struct vtrim_reduce_stage {
     int64_t kv_bytes_full;      /* KV bytes of the layers it shrinks, had nothing been dropped */
     int64_t kv_bytes_kept;      /* the same layers' KV bytes as held */
     double  flops_saved;        /* decoder prefill FLOPs it saved (estimate: matmuls + attention) */
+    double  t_ms;               /* after-prefill stages: wall time of the stage (scoring, choice, compaction);
+                                   0 for stages inside a pass */
 };
 
 /* What the last prefill and the decodes since did. Times in milliseconds. */

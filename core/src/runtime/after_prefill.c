@@ -152,6 +152,7 @@ int32_t vtrim_stage_after_prefill(struct vtrim_context * c, const struct vtrim_p
         return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "%s: the after-prefill hook gives per-head probabilities of its "
                           "query rows to digest_layer only", p->r->name);
     }
+    const int64_t t0 = ggml_time_us();
     int32_t * n_rows = calloc((size_t) L, sizeof(int32_t));
     int32_t * keep = calloc((size_t) L, sizeof(int32_t));
     float * density = calloc((size_t) L, sizeof(float));
@@ -190,6 +191,7 @@ int32_t vtrim_stage_after_prefill(struct vtrim_context * c, const struct vtrim_p
         st->n_kept = n_attn > 0 ? (int32_t) floor((double) rows_kept / n_attn + 0.5) : 0;
         st->kv_bytes_full = rows_full * row_bytes(kv);
         st->kv_bytes_kept = rows_kept * row_bytes(kv);
+        st->t_ms = (ggml_time_us() - t0) / 1000.0;
     }
     for (int il = 0; scores && kept && il < L; il++) {
         free(scores[il]);
