@@ -25,3 +25,13 @@ struct ggml_tensor * vtrim_attn_probe_per_head(struct ggml_context * ctx, struct
     p = ggml_sum_rows(ctx, p);                                     // [1, n_kv, n_head]
     return ggml_scale(ctx, ggml_reshape_2d(ctx, p, n_kv, n_head), 1.0f / (float) n_q);
 }
+
+struct ggml_tensor * vtrim_attn_logits_head_mean(struct ggml_context * ctx, struct ggml_tensor * q,
+                                                 struct ggml_tensor * k, float scale) {
+    const int64_t n_head = q->ne[1], n_q = q->ne[2], n_kv = k->ne[2];
+    struct ggml_tensor * kq = ggml_mul_mat(ctx, ggml_permute(ctx, k, 0, 2, 1, 3),
+                                           ggml_permute(ctx, q, 0, 2, 1, 3));   // [n_kv, n_q, n_head]
+    kq = ggml_cont(ctx, ggml_permute(ctx, kq, 1, 2, 0, 3));                      // [n_head, n_kv, n_q]
+    kq = ggml_sum_rows(ctx, kq);                                                 // [1, n_kv, n_q]
+    return ggml_scale(ctx, ggml_reshape_2d(ctx, kq, n_kv, n_q), scale / (float) n_head);
+}

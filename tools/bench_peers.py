@@ -42,393 +42,21 @@ runs all 24 layers and takes hidden_states[-2].
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_common import CLIP_L_336 as _CLIP_L_336, TEXT_SHAPES
-
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-LLAMA_CPP_PYTHON_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-PEER_PACKAGES = ["torch==2.13.0", "transformers==5.23.0", "numpy", "pillow", "safetensors", "matplotlib"]
-
-CLIP_L_336 = dict(_CLIP_L_336, projection_dim=768)   # the transformers config wants the projection width
-IMAGE_TOKEN = 32000
-
-QUESTION = "Describe this picture in detail, then list every object you can see."
-# llama-cpp-python's Llava15ChatHandler: its system message and template, rendered for one image and one question.
-SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-          "detailed, and polite answers to the human's questions.")
-PROMPT = f"{SYSTEM}\nUSER: <image>{QUESTION}\nASSISTANT: "
+from bench_common import TEXT_SHAPES
+from peers_env import (CLIP_L_336, IMAGE_TOKEN, PROMPT, QUESTION, bench_config, bench_image, cache_dir, ensure_peers,
+                       hf_dir, llamacpp_pair, log, peers_dir)
 
 FASTV = "fastv:2:0.5"
 TARGETS = {"ttft_ratio_unreduced": 1.0, "decode_ratio_unreduced": 1.0, "ttft_ratio_fastv": 0.70}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("VTRIM_CACHE_DIR") or Path.home() / ".cache" / "pyvtrim")
-
-
-def peers_dir() -> Path:
-    return cache_dir() / "peers"
-
-
-# ------------------------------------------------------------------------------------------------
-# The peer environment
-# ------------------------------------------------------------------------------------------------
-
-
-def peer_python() -> Path:
-    return peers_dir() / "venv" / "bin" / "python"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _pip(args, env=None) -> None:
-    cmd = [str(peer_python()), "-m", "pip", "install", *args]
-    log("$ " + " ".join(cmd))
-    logf = peers_dir() / "install.log"
-    with open(logf, "a") as out:
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-    if rc != 0:
-        raise SystemExit(f"pip failed (exit {rc}); see {logf}")
-
-
-def ensure_peers(force: bool = False) -> Path:
-    """Creates the peer environment once (llama-cpp-python built from source, torch, transformers)."""
-    marker = peers_dir() / "ready.json"
-    py = peer_python()
-    if marker.is_file() and py.is_file() and not force:
-        return py
-    peers_dir().mkdir(parents=True, exist_ok=True)
-    if not py.is_file():
-        base = getattr(sys, "_base_executable", None) or sys.executable
-        log(f"creating {py.parent.parent} ...")
-        subprocess.run([base, "-m", "venv", str(py.parent.parent)], check=True)
-    t0 = time.time()
-    have = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('llama_cpp_python'))"],
-                          capture_output=True, text=True).stdout.strip()
-    if have != LLAMA_CPP_PYTHON.split("==")[1]:
-        # llama-cpp-python as its users install it: from the sdist, compiled here. The sdist the pyvtrim build
-        # already fetched (same pin, checked by hash) saves the download.
-        sdist = cache_dir() / "llama_cpp_python-0.3.36.tar.gz"
-        spec = str(sdist) if sdist.is_file() and _sha256(sdist) == LLAMA_CPP_PYTHON_SHA256 else LLAMA_CPP_PYTHON
-        env = dict(os.environ)
-        env["CMAKE_ARGS"] = (env.get("CMAKE_ARGS", "") + " -DGGML_NATIVE=ON").strip()
-        log("building llama-cpp-python (llama.cpp + its multimodal library) from source: minutes on 2 cores")
-        _pip([spec], env=env)
-    _pip(PEER_PACKAGES)
-    versions = subprocess.run([str(py), "-c", "import json, importlib.metadata as m; print(json.dumps({p: m.version(p) "
-                               "for p in ['llama_cpp_python', 'torch', 'transformers', 'numpy']}))"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-    marker.write_text(versions)
-    log(f"peer environment ready in {time.time() - t0:.0f} s: {versions}")
-    return py
-
-
-# ------------------------------------------------------------------------------------------------
-# Models, image, prompt
-# ------------------------------------------------------------------------------------------------
-
-
-def bench_config(text: str) -> dict:
-    from pyvtrim.demo import DEMO_CONFIG
-
-    cfg = json.loads(json.dumps(DEMO_CONFIG))
-    cfg["text_config"].update(TEXT_SHAPES[text])
-    cfg["vision_config"].update(CLIP_L_336)
-    return cfg
-
-
-def preprocessor() -> dict:
-    """llava-hf's CLIPImageProcessor at 336 px: resize the shortest edge, center crop, CLIP mean/std."""
-    side = CLIP_L_336["image_size"]
-    return dict(image_processor_type="CLIPImageProcessor", do_resize=True, size={"shortest_edge": side},
-                resample=3, do_center_crop=True, crop_size={"height": side, "width": side}, do_rescale=True,
-                rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True,
-                image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
-
-
-def model_dir(text: str) -> Path:
-    return cache_dir() / "bench" / "peers" / text
-
-
-def llamacpp_pair(text: str, outtype: str) -> tuple:
-    """llama.cpp's two-file layout (text + mmproj), written by pyvtrim's converter from random weights."""
-    from pyvtrim.conversion.llamacpp_layout import mmproj_path
-    from pyvtrim.conversion.llava import image_params, parse_llava_config, write_llava
-    from pyvtrim.conversion.tensors import ArraySource
-    from pyvtrim.demo import demo_tensors, demo_vocab
-
-    out = model_dir(text) / f"llava-clipL336-{text}-{outtype}.gguf"
-    proj = mmproj_path(out)
-    if not (out.is_file() and proj.is_file()):
-        cfg = bench_config(text)
-        t0 = time.time()
-        log(f"writing {out} + {proj.name} (random weights) ...")
-        hp = parse_llava_config(cfg, "bench config", name=f"llava-1.5 {text} shape (random weights)")
-        image = image_params(preprocessor(), hp.vision, "bench preprocessor")
-        tensors, shapes = demo_tensors(cfg)
-        vocab = demo_vocab(cfg["text_config"]["vocab_size"])
-        write_llava(out, hp, ArraySource(tensors, shapes), vocab, image, outtype, layout="llama.cpp",
-                    where="bench model")
-        log(f"  done in {time.time() - t0:.0f} s")
-    return out, proj
-
-
-def hf_dir(text: str) -> Path:
-    """A transformers directory with the same random weights (f16 safetensors, shards of <= 2 GB)."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from pyvtrim.demo import demo_tensors
-
-    d = model_dir(text) / "hf"
-    done = d / "model.safetensors.index.json"
-    if done.is_file():
-        return d
-    t0 = time.time()
-    log(f"writing {d} (the same random weights, safetensors) ...")
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = bench_config(text)
-    (d / "config.json").write_text(json.dumps(dict(cfg, torch_dtype="float16"), indent=2))
-    (d / "preprocessor_config.json").write_text(json.dumps(preprocessor(), indent=2))
-    tensors, _ = demo_tensors(cfg)
-    weight_map, shard, shard_bytes, n_shard, total = {}, {}, 0, 0, 0
-
-    def flush():
-        nonlocal shard, shard_bytes, n_shard
-        if shard:
-            name = f"model-{n_shard:05d}.safetensors"
-            save_file(shard, str(d / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-            n_shard += 1
-            shard, shard_bytes = {}, 0
-
-    for name, make in tensors.items():
-        arr = make().astype(np.float16)
-        shard[name] = arr
-        shard_bytes += arr.nbytes
-        total += arr.nbytes
-        if shard_bytes >= 2 << 30:
-            flush()
-    flush()
-    done.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    log(f"  done in {time.time() - t0:.0f} s")
-    return d
-
-
-def bench_image() -> Path:
-    """A synthetic 640x480 RGB PNG (gradients and a diagonal pattern)."""
-    import numpy as np
-    from PIL import Image
-
-    path = cache_dir() / "bench" / "peers" / "image-640x480.png"
-    if not path.is_file():
-        y, x = np.mgrid[0:480, 0:640]
-        img = np.stack([(x * 255 // 639), (y * 255 // 479), ((x + y) % 256)], axis=-1).astype(np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(path)
-    return path
-
-
-# ------------------------------------------------------------------------------------------------
-# One configuration, in a child process
-# ------------------------------------------------------------------------------------------------
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-class Span:
-    """Wall time and this process's CPU time (all threads) of a block. cpu_share(threads) near 1 says the
-    threads had the cores to themselves; well below 1 says something else was running (a noisy machine)."""
-
-    def __enter__(self) -> "Span":
-        self.w, self.c = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
-
-    def share(self, threads: int) -> float:
-        return self.cpu / (self.wall * threads) if self.wall > 0 else float("nan")
-
-
-def child_pyvtrim(s: dict) -> dict:
-    import numpy as np
-
-    import pyvtrim
-
-    reduce = None
-    if s["reduce"].startswith("fastv:"):
-        _, k, r = s["reduce"].split(":")
-        reduce = pyvtrim.FastV(k=int(k), ratio=float(r))
-    with Span() as load:
-        m = pyvtrim.Model(s["text"], mmproj=s["mmproj"], n_ctx=2048, n_threads=s["threads"])
-    ids = m.tokenize(s["prompt"])
-    m.forward(m.tokenize("Hello"))                       # warm-up: first graph, buffers
-    best: dict = {}
-    tok = 0
-    for _ in range(s["reps"]):
-        with Span() as span:
-            logits = m.forward(ids, [s["image"]], reduce=reduce)
-            tok = int(np.argmax(logits))
-        st = m.last_stats
-        if not best or span.wall * 1000.0 < best["ttft_ms"]:
-            best = dict(ttft_ms=span.wall * 1000.0, encode_ms=st["t_encode_ms"], prefill_ms=st["t_prefill_ms"],
-                        n_prompt_tokens=st["n_prompt_tokens"], n_image_tokens=st["n_image_tokens"],
-                        n_image_tokens_kept=st["n_image_tokens_kept"], kv_cache_bytes=st["kv_cache_bytes"],
-                        first_token=tok, ttft_cpu_share=span.share(s["threads"]))
-    # decode: greedy continuation of the last prefill (end-of-generation ignored, as for the other peers)
-    decode = getattr(m, "decode", None)
-    if decode is None:   # a Model without a public single-step API
-        from pyvtrim.errors import check
-
-        def decode(t, _m=m):
-            check(_m._lib.vtrim_decode(_m._ctx(), int(t)))
-    get_logits = getattr(m, "logits", None) or m._logits
-    with Span() as span:
-        for _ in range(s["decode"]):
-            decode(tok)
-            tok = int(np.argmax(get_logits()))
-    st = m.last_stats
-    # As for llama.cpp: the faster of the library's own decode timing (t_decode_ms: the vtrim_decode calls,
-    # as llama_perf times llama_decode) and the wall clock of the Python loop.
-    internal = st["n_decoded"] / (st["t_decode_ms"] / 1000.0) if st["t_decode_ms"] > 0 else 0.0
-    wall = s["decode"] / span.wall
-    best.update(decode_tok_s=max(internal, wall), decode_tok_s_internal=internal, decode_tok_s_wall=wall,
-                decode_cpu_share=span.share(s["threads"]), kv_cache_bytes_after_decode=st["kv_cache_bytes"],
-                load_s=load.wall)
-    m.close()
-    return best
-
-
-def child_llamacpp(s: dict) -> dict:
-    import base64
-
-    import llama_cpp
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import Llava15ChatHandler
-
-    # llama.cpp and mtmd log to fd 2; the encode timing comes from mtmd's own print_timings lines there.
-    err_path = s["result"] + ".stderr"
-    err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(err, 2)
-    sys.stderr = os.fdopen(2, "w", buffering=1)
-
-    with Span() as load:
-        handler = Llava15ChatHandler(clip_model_path=s["mmproj"], verbose=True)
-        llm = Llama(model_path=s["text"], chat_handler=handler, n_ctx=2048, n_threads=s["threads"],
-                    n_threads_batch=s["threads"], verbose=True)
-        handler._init_mtmd_context(llm)   # the CLIP model loads here, not inside the first timed request
-    llm.eval(llm.tokenize(b"Hello"))   # warm-up: touches the (memory-mapped) text weights
-    llama_cpp.llama_synchronize(llm._ctx.ctx)
-    llm.reset()
-    uri = "data:image/png;base64," + base64.b64encode(Path(s["image"]).read_bytes()).decode()
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
-                                             {"type": "text", "text": QUESTION}]}]
-    eos = llm.token_eos()
-    best: dict = {}
-    for rep in range(s["reps"]):
-        last_rep = rep == s["reps"] - 1   # the last request also decodes
-        llama_cpp.llama_perf_context_reset(llm._ctx.ctx)
-        sys.stderr.flush()
-        offset = os.lseek(2, 0, os.SEEK_CUR)
-        times = []
-        with Span() as span:
-            stream = llm.create_chat_completion(messages=messages, max_tokens=s["decode"] + 1 if last_rep else 1,
-                                                temperature=0.0, repeat_penalty=1.0, logit_bias={str(eos): -1e4},
-                                                stream=True)
-            for _ in stream:
-                times.append(time.perf_counter())
-                if len(times) == 1:
-                    first = (times[0] - span.w, time.process_time() - span.c)
-        perf = llama_cpp.llama_perf_context(llm._ctx.ctx)
-        sys.stderr.flush()
-        with open(err_path, "rb") as f:
-            f.seek(offset)
-            logs = f.read().decode("utf-8", "replace")
-        encode = sum(float(x) for x in re.findall(r"image slice encoded in (\d+(?:\.\d+)?) ms", logs))
-        image_batches = sum(float(x) for x in re.findall(r"image decoded \(batch \d+/\d+\) in (\d+(?:\.\d+)?) ms",
-                                                          logs))
-        ttft = first[0] * 1000.0
-        if not best or ttft < best["ttft_ms"]:
-            # prefill = TTFT - encode, as for transformers: llama_perf's prompt time runs from a decode to the
-            # next synchronization, which can hold the image encode and time before the request.
-            best.update(ttft_ms=ttft, encode_ms=encode, prefill_ms=ttft - encode, image_prefill_ms=image_batches,
-                        llama_perf_prompt_ms=perf.t_p_eval_ms, n_prompt_tokens=perf.n_p_eval,
-                        ttft_cpu_share=first[1] / (first[0] * s["threads"]))
-        if last_rep:
-            internal = perf.n_eval / (perf.t_eval_ms / 1000.0) if perf.t_eval_ms > 0 else 0.0
-            # every streamed token after the first needed one decode (n_eval of them)
-            wall = perf.n_eval / (times[-1] - times[0]) if times[-1] > times[0] else 0.0
-            cpu_decode = (span.cpu - first[1]) / ((span.wall - first[0]) * s["threads"])
-            # the faster of llama.cpp's own decode timing and the wall clock of the stream: its best case
-            best.update(decode_tok_s=max(internal, wall), decode_tok_s_llama_perf=internal, decode_tok_s_wall=wall,
-                        n_decoded=perf.n_eval, decode_cpu_share=cpu_decode)
-    best.update(load_s=load.wall)
-    return best
-
-
-def child_transformers(s: dict) -> dict:
-    import torch
-    from PIL import Image
-    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
-
-    torch.set_num_threads(s["threads"])
-    dtype = getattr(torch, s["dtype"])
-    with Span() as load:
-        model = LlavaForConditionalGeneration.from_pretrained(s["hf_dir"], dtype=dtype)
-        model.eval()
-        proc = CLIPImageProcessor.from_pretrained(s["hf_dir"])
-    ids = torch.tensor([s["ids"]], dtype=torch.long)
-    best: dict = {}
-    with torch.inference_mode():
-        model(input_ids=torch.tensor([[1, 15043]]))   # warm-up
-        for _ in range(s["reps"]):
-            with Span() as span:
-                pixels = proc(images=Image.open(s["image"]).convert("RGB"), return_tensors="pt")["pixel_values"]
-                out = model(input_ids=ids, pixel_values=pixels.to(dtype), use_cache=True, logits_to_keep=1)
-                tok = int(out.logits[0, -1].argmax())
-            if not best or span.wall * 1000.0 < best["ttft_ms"]:
-                best = dict(ttft_ms=span.wall * 1000.0, first_token=tok, n_prompt_tokens=int(ids.shape[1]),
-                            ttft_cpu_share=span.share(s["threads"]))
-        with Span() as enc:
-            model.model.get_image_features(pixel_values=pixels.to(dtype), vision_feature_layer=-2,
-                                           vision_feature_select_strategy="default")
-        best["encode_ms"] = enc.wall * 1000.0
-        best["prefill_ms"] = best["ttft_ms"] - best["encode_ms"]
-        past = out.past_key_values
-        with Span() as span:
-            for _ in range(s["decode"]):
-                out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                tok = int(out.logits[0, -1].argmax())
-        best.update(decode_tok_s=s["decode"] / span.wall, decode_cpu_share=span.share(s["threads"]))
-    best.update(load_s=load.wall, dtype=s["dtype"])
-    return best
-
-
-CHILDREN = {"pyvtrim": child_pyvtrim, "llama.cpp": child_llamacpp, "transformers": child_transformers}
 
 
 def _raise_priority(nice: int) -> None:
@@ -453,7 +81,8 @@ def run_child(python: Path, spec: dict, tag: str, nice: int = 0) -> dict:
         env.pop("PYTHONPATH", None)
     t0 = time.time()
     with open(logs / f"{tag}.log", "w") as out:
-        rc = subprocess.run([str(python), os.path.abspath(__file__), "--child", json.dumps(spec)],
+        rc = subprocess.run([str(python), str(Path(__file__).resolve().with_name("peers_child.py")),
+                             json.dumps(spec)],
                             stdout=out, stderr=subprocess.STDOUT, env=env,
                             preexec_fn=(lambda: _raise_priority(nice)) if nice else None).returncode
     if rc != 0 or not Path(spec["result"]).is_file():
@@ -650,22 +279,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results/peers.json")
     ap.add_argument("--table", metavar="JSON", help="print the Markdown table of an earlier run's JSON and exit")
     ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"), help=argparse.SUPPRESS)   # internal
-    ap.add_argument("--child", help=argparse.SUPPRESS)                                    # internal
     args = ap.parse_args(argv)
 
-    if args.child:
-        spec = json.loads(args.child)
-        r = CHILDREN[spec["peer"]](spec)
-        r["peak_rss_mib"] = peak_rss_mib()
-        Path(spec["result"]).write_text(json.dumps(r))
-        return 0
     if args.plot:
         plot(Path(args.plot[0]), Path(args.plot[1]))
         return 0
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return 0
-
     py = ensure_peers()
     if args.setup:
         return 0

@@ -2,6 +2,7 @@
 // list and the methods' apply, and (with VTRIM_UNIT_GGML, built by CMake against ggml) the KV cache's
 // position bookkeeping, truncation and per-head compaction. tests/test_c_unit.py runs them.
 #include "kv/mask.h"
+#include "reduce/ficoco.h"
 #include "reduce/reduce.h"
 #include "runtime/sampling.h"
 #include "vtrim.h"
@@ -114,7 +115,8 @@ static void test_policy_list(void) {
     int32_t order[8];
     CHECK(vtrim_policy_list_order(&l, VTRIM_HOOK_VISION_ENCODER, order) == 6);
     for (int i = 0; i < 6; i++) {
-        CHECK(order[i] == i && l.items[i].layer == i + 1);
+        CHECK(order[i] == i && l.items[i].layer == i + 1 && l.items[i].n_steps == 1 &&
+              l.items[i].step_layers[0] == i + 1);
     }
     struct vtrim_trim_params t;
     vtrim_trim_default(&t);
@@ -196,12 +198,94 @@ static void test_vlcache(void) {
     CHECK(k1[0] == 9 && k1[1] == 9);
 }
 
+static void test_ficoco_step(void) {
+    // R = 10 over S = 4 steps: 3, 3, 2, 2
+    CHECK(vtrim_ficoco_step_drop(10, 4, 0) == 3 && vtrim_ficoco_step_drop(10, 4, 1) == 3 &&
+          vtrim_ficoco_step_drop(10, 4, 2) == 2 && vtrim_ficoco_step_drop(10, 4, 3) == 2);
+    CHECK(vtrim_ficoco_step_drop(10, 4, 4) == 0);
+
+    // 3 x 3 grid: windows {0,1,3,4}, {2,5}, {6,7}, {8}; candidates hold patches 0,1,2,4,5,8 (3, 6, 7 gone)
+    const int32_t patch[] = { 0, 1, 2, 4, 5, 8 };
+    float s[] = { 1.0f, 3.0f, -2.0f, 3.0f, -4.0f, 5.0f };
+    CHECK(vtrim_ficoco_local_penalty(s, patch, 6, 3) == 0);
+    // window {0,1,4}: the tie of 3.0 goes to the lower patch (1), doubled; {2,5}: -2 > -4, halved; {8}: alone
+    CHECK(s[0] == 1.0f && s[1] == 6.0f && s[2] == -1.0f && s[3] == 3.0f && s[4] == -4.0f && s[5] == 5.0f);
+
+    // 5 rows of which rows 1..4 are candidates; drop r = 2 by score, ties to the lower candidate
+    const int32_t cand[] = { 1, 2, 3, 4 };
+    const float score[] = { 0.5f, 0.9f, 0.1f, 0.9f };   // drops rows 2 and 4
+    float attn[5 * 5] = { 0 };
+    attn[2 * 5 + 1] = 1.0f; attn[2 * 5 + 3] = 1.0f;   // row 2: a tie between kept rows 1 and 3 -> row 1
+    attn[4 * 5 + 3] = 2.0f; attn[4 * 5 + 0] = 9.0f;   // row 4: row 0 is not a candidate, row 3 wins
+    bool keep[5] = { true, true, true, true, true };
+    int32_t src[8], dst[8];
+    float w[8];
+    struct vtrim_reduce_output out = { .merge_src = src, .merge_dst = dst, .merge_w = w, .merge_cap = 8 };
+    CHECK(vtrim_ficoco_step(cand, 4, attn, 5, score, 2, 0.998f, keep, &out) == 0);
+    CHECK(keep[0] && keep[1] && !keep[2] && keep[3] && !keep[4]);
+    CHECK(out.n_merge == 2 && src[0] == 2 && dst[0] == 1 && w[0] == 1.0f && src[1] == 4 && dst[1] == 3);
+
+    // eps = 0: m = n_kept, weights a softmax over the kept rows' logits
+    bool keep2[5] = { true, true, true, true, true };
+    out.n_merge = 0;
+    CHECK(vtrim_ficoco_step(cand, 4, attn, 5, score, 2, 0.0f, keep2, &out) == 0);
+    CHECK(out.n_merge == 4 && src[2] == 4 && dst[2] == 3 && dst[3] == 1);
+    CHECK(fabsf(w[2] - 1.0f / (1.0f + expf(-2.0f))) < 1e-6f && fabsf(w[2] + w[3] - 1.0f) < 1e-6f);
+    out.n_merge = 0;
+    out.merge_cap = 3;                                   // 4 merges do not fit
+    CHECK(vtrim_ficoco_step(cand, 4, attn, 5, score, 2, 0.0f, keep2, &out) == VTRIM_ERR_STATE);
+    CHECK(vtrim_ficoco_step(cand, 4, attn, 5, score, 4, 0.998f, keep2, &out) == VTRIM_ERR_STATE);   // r = n
+}
+
 #ifdef VTRIM_UNIT_GGML
+#include "attn_probe.h"
 #include "kv/kv_cache.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+
+// The head-mean logit matrix against the arithmetic, with GQA (4 query heads over 2 KV heads).
+static void test_logits_head_mean(void) {
+    ggml_backend_t cpu = ggml_backend_cpu_init();
+    enum { HD = 3, NH = 4, NKV = 2, NQ = 5, NK = 6 };
+    float q[NQ][NH][HD], k[NK][NKV][HD];
+    for (int i = 0; i < NQ * NH * HD; i++) {
+        (&q[0][0][0])[i] = (float) ((i * 37) % 11) / 7.0f - 0.6f;
+    }
+    for (int i = 0; i < NK * NKV * HD; i++) {
+        (&k[0][0][0])[i] = (float) ((i * 53) % 13) / 9.0f - 0.5f;
+    }
+    struct ggml_init_params ip = { .mem_size = 32 * ggml_tensor_overhead() + ggml_graph_overhead(), .mem_buffer = NULL,
+                                   .no_alloc = true };
+    struct ggml_context * gctx = ggml_init(ip);
+    struct ggml_tensor * tq = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, HD, NH, NQ);
+    struct ggml_tensor * tk = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, HD, NKV, NK);
+    struct ggml_tensor * out = vtrim_attn_logits_head_mean(gctx, tq, tk, 0.5f);
+    struct ggml_cgraph * gf = ggml_new_graph(gctx);
+    ggml_build_forward_expand(gf, out);
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(gctx, cpu);
+    ggml_backend_tensor_set(tq, q, 0, sizeof q);
+    ggml_backend_tensor_set(tk, k, 0, sizeof k);
+    CHECK(ggml_backend_graph_compute(cpu, gf) == GGML_STATUS_SUCCESS);
+    float got[NQ][NK];
+    CHECK(out->ne[0] == NK && out->ne[1] == NQ);
+    ggml_backend_tensor_get(out, got, 0, sizeof got);
+    for (int i = 0; i < NQ; i++) {
+        for (int j = 0; j < NK; j++) {
+            double want = 0.0;
+            for (int h = 0; h < NH; h++) {
+                for (int d = 0; d < HD; d++) {
+                    want += 0.5 * q[i][h][d] * k[j][h / (NH / NKV)][d];
+                }
+            }
+            CHECK(fabs(got[i][j] - want / NH) < 1e-5);
+        }
+    }
+    ggml_backend_buffer_free(buf);
+    ggml_free(gctx);
+    ggml_backend_free(cpu);
+}
 
 // K element (channel c of row r) and V element as the test writes them.
 static float kval(int r, int c) { return (float) (r * 100 + c); }
@@ -280,8 +364,10 @@ int main(void) {
     test_fastv_apply();
     test_trim_apply();
     test_vlcache();
+    test_ficoco_step();
 #ifdef VTRIM_UNIT_GGML
     test_kv_cache();
+    test_logits_head_mean();
 #endif
     if (g_failed) {
         fprintf(stderr, "%d check(s) failed\n", g_failed);

@@ -36,20 +36,41 @@ int32_t vtrim_policy_list_add(struct vtrim_policy_list * l, const struct vtrim_r
         return rc;
     }
     const int32_t layer = r->layer(params, caps);
+    const int32_t n_steps = r->n_steps ? r->n_steps(params, caps) : 1;
+    if (n_steps < 1) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "%s has no step to run on this model", r->name);
+    }
+    int32_t * step_layers = malloc(sizeof(int32_t) * (size_t) n_steps);
+    if (!step_layers) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    step_layers[0] = layer;
+    for (int32_t i = 1; i < n_steps; i++) {
+        step_layers[i] = r->step_layer(params, caps, i);
+        if (step_layers[i] <= step_layers[i - 1]) {
+            free(step_layers);
+            return vtrim_fail(VTRIM_ERR_STATE, "%s: step layers not increasing", r->name);
+        }
+    }
     for (int32_t i = 0; i < l->n; i++) {
         const struct vtrim_policy * q = &l->items[i];
         if (r->one_per_context && q->r == r) {
-            return vtrim_fail(VTRIM_ERR_INVALID_ARG, "one %s per context", r->name);
+            rc = vtrim_fail(VTRIM_ERR_INVALID_ARG, "one %s per context", r->name);
+        } else if (q->r->hook == r->hook && q->step_layers[q->n_steps - 1] >= layer) {
+            rc = vtrim_fail(VTRIM_ERR_INVALID_ARG, "policies of one hook must come in increasing layer order "
+                            "(%s at layer %d after %s up to layer %d)", r->name, layer, q->r->name,
+                            q->step_layers[q->n_steps - 1]);
         }
-        if (q->r->hook == r->hook && q->layer >= layer) {
-            return vtrim_fail(VTRIM_ERR_INVALID_ARG, "decoder-layer policies must come in increasing layer order "
-                              "(layer %d after layer %d)", layer, q->layer);
+        if (rc < 0) {
+            free(step_layers);
+            return rc;
         }
     }
     if (l->n == l->cap) {
         const int32_t cap = l->cap ? 2 * l->cap : 4;
         struct vtrim_policy * items = realloc(l->items, sizeof *items * (size_t) cap);
         if (!items) {
+            free(step_layers);
             return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
         }
         l->items = items;
@@ -57,16 +78,18 @@ int32_t vtrim_policy_list_add(struct vtrim_policy_list * l, const struct vtrim_r
     }
     void * copy = malloc(r->params_size);
     if (!copy) {
+        free(step_layers);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
     }
     memcpy(copy, params, r->params_size);
-    l->items[l->n++] = (struct vtrim_policy) { r, copy, layer };
+    l->items[l->n++] = (struct vtrim_policy) { r, copy, layer, n_steps, step_layers };
     return 0;
 }
 
 void vtrim_policy_list_clear(struct vtrim_policy_list * l) {
     for (int32_t i = 0; i < l->n; i++) {
         free(l->items[i].params);
+        free(l->items[i].step_layers);
     }
     l->n = 0;
 }

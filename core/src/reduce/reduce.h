@@ -17,12 +17,14 @@ struct vtrim_reduce_caps {
     int32_t n_cross;                // cross-attention layers (mllama), 0 if none
     int32_t first_cross_layer;      // decoder index of the first, or -1
     int32_t n_vision_layer;         // vision tower layers that run, 0 without a tower
+    int32_t vision_grid;            // patches per side of the tower's square grid, 0 without a tower
 };
 
 // The attention scores a method ranks by, which its hook computes with an explicit probe (docs/DESIGN.md rule 2).
 struct vtrim_score_request {
     bool per_head;      // [n_head][n] per-head scores; else the mean over heads, [n]
     bool pre_softmax;   // attention logits; else probabilities
+    bool matrix;        // the head-mean logits among ALL candidates, [n][n] in vtrim_reduce_input.attn (FiCoCo)
 };
 
 // What a hook hands apply. Candidates are indexed 0..n-1 in their order (the pass's rows for a decoder hook,
@@ -38,6 +40,12 @@ struct vtrim_reduce_input {
     const int32_t * group_len;
     const float *  hidden;      // encoder hooks: the rows' states [n][n_embd]; NULL elsewhere
     int32_t        n_embd;
+    // A .matrix request: attn[i * n + j] = candidate i's (query) logit for candidate j (key), before any mask.
+    const float *  attn;
+    // Each candidate's original index (its patch in the image grid, its prompt row): candidates keep their
+    // original order, so ties by index are ties by original index. NULL: the identity.
+    const int32_t * orig;
+    int32_t        step;        // multi-step methods: this step, 0-based, of the policy's n_steps
     // After-prefill hook: per decoder layer, the rows each KV head holds, what digest_layer made of the
     // layer's attention (a density, scores [n_head_kv][layer_rows[il]]); NULL elsewhere.
     int32_t        n_layer;
@@ -59,6 +67,7 @@ struct vtrim_reduce_output {
     int32_t   n_merge;
     // A cross-attention hook: the kept set applies to the ranking layer itself too (else from the next one).
     bool      include_hook_layer;
+    int32_t   merge_cap;   // capacity of the merge arrays; 0: n
     // After-prefill hook: per layer the rows each KV head keeps (layer_keep[il] <= layer_rows[il]) and which:
     // layer_kept[il][h * layer_keep[il] + i], ascending per head (capacity n_head_kv * layer_rows[il]).
     int32_t *  layer_keep;
@@ -92,6 +101,10 @@ struct vtrim_reducer {
     // (capacity n). NULL elsewhere (a cross hook's queries are the rows that see an image).
     int32_t (*query_rows)(const void * params, const bool * is_image, int32_t n, int32_t * q_rows);
     int32_t (*apply)(const void * params, const struct vtrim_reduce_input * in, struct vtrim_reduce_output * out);
+    // Methods that act at several layers of their hook (FiCoCo: one step per layer of a range): how many steps
+    // and step i's layer (increasing; step 0's is layer()). NULL: one step, at layer().
+    int32_t (*n_steps)(const void * params, const struct vtrim_reduce_caps * caps);
+    int32_t (*step_layer)(const void * params, const struct vtrim_reduce_caps * caps, int32_t step);
     // After-prefill hooks: one layer's attention -> *density and scores [n_head_kv][n_kv] (the per-layer
     // summary apply reads, so that no hook holds every layer's probabilities at once). NULL elsewhere.
     int32_t (*digest_layer)(const void * params, const struct vtrim_layer_attn * a, float * density, float * scores);
@@ -101,11 +114,13 @@ extern const struct vtrim_reducer vtrim_reducer_fastv;   // reduce/fastv.c
 extern const struct vtrim_reducer vtrim_reducer_trim;    // reduce/trim.c
 extern const struct vtrim_reducer vtrim_reducer_vlcache; // reduce/vlcache.c
 
-// One method with its params (a copy) at its layer.
+// One method with its params (a copy) at its layer; a multi-step method at each of its step layers.
 struct vtrim_policy {
     const struct vtrim_reducer * r;
     void *                       params;
-    int32_t                      layer;
+    int32_t                      layer;        // step 0's
+    int32_t                      n_steps;      // >= 1
+    int32_t *                    step_layers;  // [n_steps], increasing; step_layers[0] == layer
 };
 
 struct vtrim_policy_list {
@@ -113,7 +128,8 @@ struct vtrim_policy_list {
     int32_t               n, cap;
 };
 
-// Validates and appends; on error nothing changes. Policies of one hook come in increasing layer order.
+// Validates and appends; on error nothing changes. Policies of one hook come in increasing layer order and
+// do not interleave: a policy's first step comes after the last step of every earlier one of its hook.
 int32_t vtrim_policy_list_add(struct vtrim_policy_list * l, const struct vtrim_reducer * r, const void * params,
                               const struct vtrim_reduce_caps * caps);
 void    vtrim_policy_list_clear(struct vtrim_policy_list * l);

@@ -319,6 +319,7 @@ static int32_t llava_encode(struct vtrim_context * c, struct vtrim_image * const
 static void llava_reduce_caps(const struct vtrim_model * m, struct vtrim_reduce_caps * caps) {
     caps->image_rows_in_decoder = true;
     caps->n_vision_layer = m->vision.n_layer_run;
+    caps->vision_grid = state(m)->clip.hp.image_size / state(m)->clip.hp.patch_size;
 }
 
 // llava-hf's chat template: "USER: <image>\n{question} ASSISTANT:"
