@@ -13,6 +13,7 @@ the VL-Cache stage's own time, KV bytes), then decoded side by side: single step
 the median over rounds of the paired step times.
 
     python tools/bench_vlcache.py                          # the issue's configuration (minutes of CPU)
+    python tools/bench_vlcache.py --text 512-mha --images 4 --out bench/results/vlcache-512.json
     python tools/bench_vlcache.py --quick                  # 2 images, 16 steps, a 4-layer 512-wide model
 """
 
@@ -29,23 +30,30 @@ from pathlib import Path
 
 PROMPT = "Compare these pictures one by one, then describe what they have in common."
 
-TEXT_1B_MHA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
-                   num_key_value_heads=32, max_position_embeddings=16384)
-TEXT_QUICK = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=8, max_position_embeddings=16384)
+TEXT_SHAPES = {
+    # the issue's: ~1B, multi-head attention (as LLaVA-1.5-7B's Vicuna), head_dim 64
+    "1b-mha": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                   num_key_value_heads=32, max_position_embeddings=16384),
+    # the same depth and head_dim at a quarter of the width (~70M): with 4 images its KV cache is to its weights
+    # what 16 images are to the 1B's (f16 KV bytes / q8_0 layer bytes ~ 4 n / (13 d), ~1.4 for both)
+    "512-mha": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=16, num_attention_heads=8,
+                    num_key_value_heads=8, max_position_embeddings=16384),
+    "quick": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=8, max_position_embeddings=16384),
+}
 # 336 px / patch 14: 576 image tokens, as CLIP ViT-L/336 gives LLaVA-1.5, at a fraction of its cost.
 SMALL_CLIP_336 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       image_size=336, patch_size=14)
 
 
-def model_path(quick: bool, outtype: str) -> Path:
+def model_path(text: str, outtype: str) -> Path:
     from pyvtrim.demo import DEMO_CONFIG, cache_dir, write_demo_model
 
-    name = f"llava-smallclip336-{'quick' if quick else '1b-mha'}-{outtype}.gguf"
+    name = f"llava-smallclip336-{text}-{outtype}.gguf"
     path = cache_dir() / "bench" / name
     if not path.is_file():
         cfg = json.loads(json.dumps(DEMO_CONFIG))
-        cfg["text_config"].update(TEXT_QUICK if quick else TEXT_1B_MHA)
+        cfg["text_config"].update(TEXT_SHAPES[text])
         cfg["vision_config"].update(SMALL_CLIP_336)
         cfg["vision_config"]["projection_dim"] = cfg["text_config"]["hidden_size"]
         t0 = time.time()
@@ -126,6 +134,7 @@ def run(path: Path, specs: list, n_images: int, threads: int, n_decode: int) -> 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--text", choices=sorted(TEXT_SHAPES), default="1b-mha")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -135,10 +144,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON report (default bench/results/vlcache.json; --quick: none)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.images, args.decode = 2, 16
-    path = model_path(args.quick, args.outtype)
+        args.text, args.images, args.decode = "quick", 2, 16
+    path = model_path(args.text, args.outtype)
     report = run(path, args.configs.split(","), args.images, args.threads, args.decode)
-    report.update(model=path.name, outtype=args.outtype, threads=args.threads, machine=platform.machine(),
+    report.update(model=path.name, text_shape=args.text, outtype=args.outtype, threads=args.threads, machine=platform.machine(),
                   cpu_count=os.cpu_count(), peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
     out = args.out or (None if args.quick else "bench/results/vlcache.json")
     if out:
