@@ -45,8 +45,8 @@ def setup(tiny_llava_factory):
         yield m, proc, ref
 
 
-def _inputs(m, proc, prompt: str, images: list[np.ndarray]):
-    ids = m.tokenize(prompt)
+def _inputs(m, proc, prompt: str, images: list[np.ndarray], add_special: bool = True):
+    ids = m.tokenize(prompt, add_special=add_special)
     n_img = m.info["n_image_tokens"]
     expanded: list[int] = []
     for t in ids:
@@ -172,6 +172,30 @@ def test_second_turn_after_compaction(setup):
     for il, per_head in enumerate(ref.positions(st)):
         for g, pos in enumerate(per_head):
             assert got_pos[il][g] == pos
+
+
+def test_second_turn_with_an_image_compacts_again(setup):
+    """The second turn's rows come after every head's rows; VL-Cache then scores the whole cache, whose heads
+    already hold different positions, and compacts each head again."""
+    m, proc, ref = setup
+    img1, img2 = _image(17, 40, 60), _image(18, 52, 44)
+    ids, hf_ids, pv = _inputs(m, proc, ONE_IMAGE, [img1])
+    m.forward(ids, [img1], reduce=pyvtrim.VLCache(budget=0.3))
+    st, _ = ref.prefill(hf_ids, pv, 0.3)
+    for t in DECODE[:2]:
+        m.decode(t)
+        ref.step(st, [t])
+    turn2, hf_turn2, pv2 = _inputs(m, proc, " USER: <image>\nAnd this one? ASSISTANT:", [img2], add_special=False)
+    got = m.prefill(turn2, [img2], reduce=pyvtrim.VLCache(budget=0.3))
+    want = ref.turn(st, hf_turn2, pv2, 0.3)
+    assert ref.last_margin > 1e-6
+    assert float(np.max(np.abs(got - want.numpy()))) <= 1e-3
+    got_pos = _runtime_positions(m)
+    for il, per_head in enumerate(ref.positions(st)):
+        for g, pos in enumerate(per_head):
+            assert set(got_pos[il][g]) == set(pos), (il, g)
+    for t in DECODE[2:]:
+        assert float(np.max(np.abs(m.decode(t) - ref.step(st, [t]).numpy()))) <= 1e-3
 
 
 def test_prompt_without_image_does_nothing(setup):

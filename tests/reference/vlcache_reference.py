@@ -173,6 +173,22 @@ class VLCacheReference:
         return st, logits
 
     @torch.no_grad()
+    def turn(self, st: VLCacheState, input_ids: torch.Tensor, pixel_values, budget: float, threshold: float = 0.01,
+             recent: float = 0.1) -> torch.Tensor:
+        """A later prompt turn with images appended to st (whose heads may already hold different rows), then
+        VL-Cache over the whole cache; the turn's last logits."""
+        ids = input_ids[0]
+        n = ids.shape[0]
+        is_image = (ids == self.image_token_id).tolist()
+        last_image = max(i for i in range(n) if is_image[i])
+        pos = torch.arange(st.n_past, st.n_past + n)
+        q_pos = {int(pos[i]) for i in (list(range(last_image + 1, n)) or [n - 1])}
+        st.q_post = []
+        logits = self.extend(st, self.embed(input_ids, pixel_values), pos, q_pos)
+        self.compact(st, self.choose(st, budget, threshold, recent))
+        return logits
+
+    @torch.no_grad()
     def step(self, st: VLCacheState, tokens: list[int]) -> torch.Tensor:
         """Appends text tokens (a decode step, or a later prompt turn); their last row's logits."""
         h = self.model.get_input_embeddings()(torch.tensor(tokens))
