@@ -147,7 +147,8 @@ def main(argv=None) -> int:
         args.text, args.images, args.decode = "quick", 2, 16
     path = model_path(args.text, args.outtype)
     report = run(path, args.configs.split(","), args.images, args.threads, args.decode)
-    report.update(model=path.name, text_shape=args.text, outtype=args.outtype, threads=args.threads, machine=platform.machine(),
+    report.update(model=path.name, text_shape=args.text, outtype=args.outtype, threads=args.threads,
+                  machine=platform.machine(),
                   cpu_count=os.cpu_count(), peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
     out = args.out or (None if args.quick else "bench/results/vlcache.json")
     if out:

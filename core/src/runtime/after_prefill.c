@@ -171,7 +171,8 @@ int32_t vtrim_stage_after_prefill(struct vtrim_context * c, const struct vtrim_p
     }
     if (rc == 0) {
         const struct vtrim_reduce_input in = { .n_layer = L, .n_head_kv = nh, .layer_rows = n_rows,
-                                               .layer_density = density, .layer_scores = (const float * const *) scores };
+                                               .layer_density = density,
+                                               .layer_scores = (const float * const *) scores };
         struct vtrim_reduce_output o = { .layer_keep = keep, .layer_kept = kept };
         rc = p->r->apply(p->params, &in, &o);
     }

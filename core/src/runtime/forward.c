@@ -160,9 +160,8 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
         io_out[1] = (struct vtrim_tensor_io) { out.h_in_last, out.h_in_last ? h_in_last + (size_t) a * n_embd : NULL };
         io_out[2] = (struct vtrim_tensor_io) { out.logits, c->logits };
         for (int i = 0; i < n_lay; i++) {
-            io_out[3 + i] = (struct vtrim_tensor_io) {
-                n_cap > 0 ? out.q[i] : NULL,
-                cap_q + (size_t) i * n_cap * (n_cap > 0 ? c->q_capture->n_embd_q : 0) };
+            float * dst = n_cap > 0 ? cap_q + (size_t) i * n_cap * c->q_capture->n_embd_q : NULL;
+            io_out[3 + i] = (struct vtrim_tensor_io) { n_cap > 0 ? out.q[i] : NULL, dst };
         }
         rc = vtrim_context_graph_exec(c, gf, io_in, 6 + n_ext, io_out, 3 + n_lay);
     }
