@@ -10,6 +10,9 @@
 // F32 [n_kv].
 struct ggml_tensor * vtrim_attn_probe_mean(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
                                            struct ggml_tensor * mask, float scale);
+// The probabilities themselves, per query row and head: F32 [n_kv, n_q, n_head] (the caller keeps n_q small).
+struct ggml_tensor * vtrim_attn_probe_probs(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                            struct ggml_tensor * mask, float scale);
 // The same averaged over the query rows only: F32 [n_kv, n_head].
 struct ggml_tensor * vtrim_attn_probe_per_head(struct ggml_context * ctx, struct ggml_tensor * q,
                                                struct ggml_tensor * k, struct ggml_tensor * mask, float scale);

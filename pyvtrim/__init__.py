@@ -28,7 +28,7 @@ from .errors import (
 )
 from .chat import Chat
 from .model import Model
-from .reduce import FastV, FiCoCoL, FiCoCoV, TrimCrossAttn
+from .reduce import FastV, FiCoCoL, FiCoCoV, TrimCrossAttn, VLCache
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "FiCoCoL",
     "Model",
     "TrimCrossAttn",
+    "VLCache",
     "VtrimBackendError",
     "VtrimClosedError",
     "VtrimContextFullError",

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "of the cross-attended image features (e.g. 0.25; Llama-3.2-Vision)")
     chat.add_argument("--ficoco-l", metavar="N[:L]", help="FiCoCo-L: merge each image's tokens inside the decoder, "
                       "from layer L on (default 4), down to N (e.g. 64; LLaVA)")
+    chat.add_argument("--vlcache", metavar="B", type=float, help="VL-Cache: after the prefill keep a mean fraction B "
+                      "of the KV cache per layer, chosen per layer and KV head (e.g. 0.1; LLaVA; after --fastv)")
     _add_runtime_args(chat)
 
     demo = sub.add_parser("demo", help="ask a synthvqa-trained tiny VLM about a synthetic picture")
@@ -163,7 +165,7 @@ def _print_stream(pieces: Iterable[str], out: TextIO, t_start: float) -> Optiona
 
 def reduce_of(args: argparse.Namespace) -> List[Any]:
     """The reduction policies the chat flags ask for, in the order they apply."""
-    from .reduce import FastV, FiCoCoL, FiCoCoV, TrimCrossAttn
+    from .reduce import FastV, FiCoCoL, FiCoCoV, TrimCrossAttn, VLCache
 
     policies: List[Any] = []
     if args.ficoco_v is not None:
@@ -183,6 +185,10 @@ def reduce_of(args: argparse.Namespace) -> List[Any]:
             policies.append(FiCoCoL(tokens=int(n), start_layer=int(start) if start else 4))
         except ValueError:
             raise SystemExit(f"pyvtrim chat: --ficoco-l {args.ficoco_l!r}: expected N or N:L, e.g. 64") from None
+    if args.vlcache is not None:
+        if not args.vlcache > 0:
+            raise SystemExit(f"pyvtrim chat: --vlcache {args.vlcache}: the budget must be > 0 (e.g. 0.1)")
+        policies.append(VLCache(budget=args.vlcache))
     return policies
 
 

@@ -245,6 +245,22 @@ class Model:
         n = _sized_call(attempt, max(1, int(self.last_stats["n_image_tokens"])))
         return list(ffi.unpack(buf[0], n))
 
+    @_locked
+    def kv_positions(self, layer: int, head: int) -> List[int]:
+        """The positions of the rows decoder layer ``layer`` holds for KV head ``head``, ascending: every
+        position of the sequence unless a reduction dropped some (after VLCache each KV head keeps its own)."""
+        ctx, ffi = self._ctx(), self._ffi
+        buf: List[Any] = [None]
+        n_out = ffi.new("int32_t *")
+
+        def attempt(capacity: int) -> Tuple[int, int]:
+            buf[0] = ffi.new("int32_t[]", capacity)
+            return self._lib.vtrim_get_kv_positions(ctx, int(layer), int(head), buf[0], capacity,
+                                                    n_out), int(n_out[0])
+
+        n = _sized_call(attempt, 256)
+        return list(ffi.unpack(buf[0], n))
+
     # ---- text ----------------------------------------------------------------------------------
 
     @_locked

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional, Sequence, Union
 
-__all__ = ["FastV", "TrimCrossAttn", "FiCoCoV", "FiCoCoL", "Policy", "policies_of"]
+__all__ = ["FastV", "TrimCrossAttn", "FiCoCoV", "FiCoCoL", "VLCache", "Policy", "policies_of"]
 
 _FASTV_SCORES = {"last": 0, "mean": 1}
 _TRIM_MODES = {"union": 0, "budget": 1}
-METHOD_NAMES = {1: "fastv", 2: "trim", 3: "ficoco_v", 4: "ficoco_l"}
+METHOD_NAMES = {1: "fastv", 2: "trim", 3: "ficoco_v", 4: "ficoco_l", 5: "vlcache"}
 HOOK_NAMES = {0: "vision_encoder", 1: "decoder_layer", 2: "cross_attn", 3: "after_prefill"}
 
 
@@ -138,8 +138,45 @@ class FiCoCoL:
         return lib.vtrim_reduce_add_ficoco_l, p
 
 
-_POLICIES = (FastV, TrimCrossAttn, FiCoCoV, FiCoCoL)
-Policy = Union[FastV, TrimCrossAttn, FiCoCoV, FiCoCoL]
+@dataclass(frozen=True)
+class VLCache:
+    """VL-Cache (arXiv 2410.23317): after the prefill of a prompt with images, shrink the KV cache that
+    decoding reads. The attention of the text after the last image gives each layer a share of the budget
+    (by its attention density) and each KV head its own rows: the most recent ``recent`` share of the
+    layer's budget plus the best-scoring others.
+
+    ``budget``: the mean fraction of the cache kept per layer, in (0, n_layer]; ``threshold``: an attention
+    weight below threshold * its row's maximum counts as sparse, in [0, 1); ``recent`` in [0, 1].
+    Decoding and later turns append after the kept rows. LLaVA-style models only (a ValueError on
+    Llama-3.2-Vision, whose images are cross-attended). Composes after FastV in one ``reduce=`` list.
+    """
+
+    budget: float = 0.1
+    threshold: float = 0.01
+    recent: float = 0.1
+
+    def to_c(self, ffi: Any, lib: Any) -> Any:
+        for name in ("budget", "threshold", "recent"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"VLCache {name}={v!r}: must be a number")
+        # The ranges the C validate checks too, said here before the library is asked.
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"VLCache threshold={self.threshold!r}: must be in [0, 1)")
+        if not 0.0 <= self.recent <= 1.0:
+            raise ValueError(f"VLCache recent={self.recent!r}: must be in [0, 1]")
+        if not self.budget > 0.0:
+            raise ValueError(f"VLCache budget={self.budget!r}: must be in (0, n_layer]")
+        p = ffi.new("struct vtrim_vlcache_params *")
+        lib.vtrim_vlcache_default(p)
+        p.budget = float(self.budget)
+        p.threshold = float(self.threshold)
+        p.recent = float(self.recent)
+        return lib.vtrim_reduce_add_vlcache, p
+
+
+_POLICIES = (FastV, TrimCrossAttn, FiCoCoV, FiCoCoL, VLCache)
+Policy = Union[FastV, TrimCrossAttn, FiCoCoV, FiCoCoL, VLCache]
 ReduceArg = Union[None, Policy, Sequence[Policy]]
 
 
@@ -152,7 +189,7 @@ def policies_of(reduce: ReduceArg) -> List[Policy]:
     for r in items:
         if not isinstance(r, _POLICIES):
             raise ValueError(f"reduce: {r!r} is not a reduction policy (pyvtrim.FastV, pyvtrim.TrimCrossAttn, "
-                             "pyvtrim.FiCoCoV, pyvtrim.FiCoCoL)")
+                             "pyvtrim.FiCoCoV, pyvtrim.FiCoCoL, pyvtrim.VLCache)")
         out.append(r)
     return out
 
@@ -168,4 +205,5 @@ def stage_dict(stage: Any) -> dict:
         "kv_bytes_full": stage.kv_bytes_full,
         "kv_bytes_kept": stage.kv_bytes_kept,
         "flops_saved": stage.flops_saved,
+        "t_ms": stage.t_ms,
     }

@@ -91,6 +91,19 @@ def test_bad_values_are_refused(llava_tiny, image_path: Path, args: list, what: 
     assert r.returncode == 2 and what in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_vlcache_flag(llava_tiny, image_path: Path) -> None:
+    base = ["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", QUESTION, "--max-tokens", "4",
+            "--threads", "2", "--n-ctx", "1024"]
+    r = _run(base + ["--vlcache", "0.1"])
+    assert r.returncode == 0, r.stderr
+    with pyvtrim.Model(llava_tiny.gguf, n_ctx=1024, n_threads=2) as m:
+        expected = m.chat(str(image_path), QUESTION, max_tokens=4, reduce=pyvtrim.VLCache(budget=0.1))
+    assert r.stdout == expected + "\n"
+    for bad in ("0", "99"):   # not > 0; more than the decoder's layers (the library says so)
+        r = _run(base + ["--vlcache", bad])
+        assert r.returncode != 0 and "budget" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_one_shot_reports_why_it_stopped(llava_tiny, image_path: Path) -> None:
     r = _run(["chat", str(llava_tiny.gguf), "--image", str(image_path), "--prompt", QUESTION, "--max-tokens", "3",
               "--threads", "2", "--n-ctx", "1024"])

@@ -1,7 +1,7 @@
 """The ggml ops of the runtime's graphs (docs/DESIGN.md, rule 1: stock ops only, so every ggml backend runs them).
 
 The graphs that prefill, decode and the reductions run on the tiny fixtures (LLaVA with f32 / f16 / q8_0
-weights and both KV types, with and without FastV and FiCoCo-L; Llama-3.2-Vision with and without Trimmed
+weights and both KV types, with and without FastV, FiCoCo-L and VL-Cache; Llama-3.2-Vision with and without Trimmed
 Llama) report their ops through vtrim_graph_ops. Their union must equal core/graph_ops.txt, the list we keep: a new op is
 a decision, made by adding it there. Every listed op must be one the pinned ggml's Metal and CUDA backends
 declare (a `case` of their supports_op): nothing in our graphs is CPU-only. Being declared is necessary, not
@@ -45,6 +45,7 @@ def _run_llava(path: Path, kv_type: str) -> set[str]:
         m.forward(ids, images, reduce=pyvtrim.FastV(k=1, ratio=0.5))
         m.decode(int(np.argmax(m.logits())))
         m.forward(ids, images, reduce=pyvtrim.FiCoCoL(tokens=8, start_layer=1))
+        m.forward(ids, images, reduce=[pyvtrim.FastV(k=1, ratio=0.5), pyvtrim.VLCache(budget=0.2)])
         m.decode(int(np.argmax(m.logits())))
         return set(m.graph_ops)
 

@@ -85,6 +85,19 @@ def test_one_shot_answers_as_the_python_api(llava_tiny, image_path: Path) -> Non
     assert f"stopped: {reason}" in r.stderr and "prefill" in r.stderr
 
 
+def test_vlcache_answers_as_the_python_api(llava_tiny, image_path: Path) -> None:
+    args = ["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", QUESTION, "-n", "8", "-t", "2", "-c", "1024"]
+    r = _run(args + ["--vlcache", "0.1"])
+    assert r.returncode == 0, r.stderr
+    with pyvtrim.Model(llava_tiny.gguf, n_ctx=1024, n_threads=2) as m:
+        expected = m.chat(str(image_path), QUESTION, max_tokens=8, reduce=pyvtrim.VLCache(budget=0.1))
+        kv_mib = m.last_stats["kv_cache_bytes"] / 1048576.0
+    assert r.stdout == expected + "\n"
+    assert f"KV {kv_mib:.1f} MiB" in r.stderr
+    r = _run(args + ["--vlcache", "0"])
+    assert r.returncode == 1 and "VL-Cache budget=0" in r.stderr, r.stderr
+
+
 def test_interactive_conversation_matches_the_python_chat(llava_tiny, image_path: Path) -> None:
     """Two turns: the second turn follows the first reply with its closing token, as Chat does."""
     r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-n", "6", "-t", "2", "-c", "1024"],

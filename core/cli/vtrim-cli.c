@@ -21,6 +21,7 @@ struct options {
     long ficoco_l, ficoco_l_start;   // FiCoCo-L's image tokens per image (0: off) and first layer (-1: 4)
     float temperature, top_p;
     unsigned long long seed;
+    float vlcache;          // VL-Cache budget; < 0: off
 };
 
 static const char * k_usage =
@@ -45,6 +46,8 @@ static const char * k_usage =
     "                       from vision layer L on (default 12; e.g. 64 or 64:12; LLaVA)\n"
     "      --ficoco-l N[:L] FiCoCo-L: merge each image's tokens inside the decoder, from layer L on\n"
     "                       (default 4), down to N (e.g. 64; LLaVA)\n"
+    "      --vlcache B      VL-Cache: after each prefill with the image, keep a mean fraction B of the KV\n"
+    "                       cache per layer (e.g. 0.1), chosen per layer and KV head (LLaVA models)\n"
     "  -h, --help           this text\n"
     "      --version        the library's version and backends\n"
     "\n"
@@ -112,7 +115,7 @@ static int parse_tokens_layer(const char * argv0, const char * opt, const char *
 
 // 0: run; 1: done (help or version printed); -1: bad arguments (message printed).
 static int parse(int argc, char ** argv, struct options * o) {
-    *o = (struct options) { .n_predict = 256, .n_ctx = 4096, .top_k = 40, .top_p = 0.95f };
+    *o = (struct options) { .n_predict = 256, .n_ctx = 4096, .top_k = 40, .top_p = 0.95f, .vlcache = -1.0f };
     const char * slash = strrchr(argv[0], '/');
     const char * argv0 = slash ? slash + 1 : argv[0];
     for (int i = 1; i < argc; i++) {
@@ -143,6 +146,8 @@ static int parse(int argc, char ** argv, struct options * o) {
         else if (!strcmp(a, "--top-p")) rc = parse_float(argv0, a, v, 0.0f, 1.0f, &o->top_p);
         else if (!strcmp(a, "--ficoco-v")) rc = parse_tokens_layer(argv0, a, v, &o->ficoco_v, &o->ficoco_v_layer);
         else if (!strcmp(a, "--ficoco-l")) rc = parse_tokens_layer(argv0, a, v, &o->ficoco_l, &o->ficoco_l_start);
+        // the library says why a budget outside (0, n_layer] does not fit the model
+        else if (!strcmp(a, "--vlcache")) rc = parse_float(argv0, a, v, 0.0f, 1e6f, &o->vlcache);
         else if (!strcmp(a, "--seed")) {
             char * end = NULL;
             errno = 0;
@@ -395,12 +400,17 @@ int main(int argc, char ** argv) {
     vtrim_ficoco_l_default(&fl);
     fl.tokens = (int32_t) o.ficoco_l;
     fl.start_layer = o.ficoco_l_start >= 0 ? (int32_t) o.ficoco_l_start : fl.start_layer;
+    struct vtrim_vlcache_params vp;
+    vtrim_vlcache_default(&vp);
+    vp.budget = o.vlcache;
     if (vtrim_context_init(model, &cp, &ctx) != 0) {
         rc = fail("context");
     } else if (o.ficoco_v > 0 && vtrim_reduce_add_ficoco_v(ctx, &fv) != 0) {
         rc = fail("--ficoco-v");
     } else if (o.ficoco_l > 0 && vtrim_reduce_add_ficoco_l(ctx, &fl) != 0) {
         rc = fail("--ficoco-l");
+    } else if (o.vlcache >= 0.0f && vtrim_reduce_add_vlcache(ctx, &vp) != 0) {
+        rc = fail("--vlcache");
     } else if (o.image && vtrim_image_from_file(o.image, &image) != 0) {
         rc = fail("image");
     } else if (vtrim_sampler_init(&sp, &smp) != 0) {

@@ -137,7 +137,8 @@ enum vtrim_reduce_method {
     VTRIM_REDUCE_TRIM  = 2,     /* Trimmed Llama: trim the cross-attended image states at the first cross layer */
     /* FiCoCo-V: merge patches inside LLaVA's vision tower (filter, correlate, compress) */
     VTRIM_REDUCE_FICOCO_V = 3,
-    VTRIM_REDUCE_FICOCO_L = 4   /* FiCoCo-L: merge image rows into their kin between decoder layers */
+    VTRIM_REDUCE_FICOCO_L = 4,  /* FiCoCo-L: merge image rows into their kin between decoder layers */
+    VTRIM_REDUCE_VLCACHE = 5    /* VL-Cache: per-layer budgets, per-KV-head rows of the KV cache after the prefill */
 };
 
 enum vtrim_hook {
@@ -192,7 +193,17 @@ struct vtrim_ficoco_l_params {
     float   eps;                /* correlate: each dropped row merges into its top ceil((1 - eps) kept) (0.998) */
 };
 
-/* What one policy did in the last prefill. */
+/* VL-Cache (arXiv 2410.23317): after a prefill with images, per-layer KV budgets from the attention density of
+ * the text after the last image, and per KV head the recent window plus the best-scoring positions kept. */
+struct vtrim_vlcache_params {
+    float   budget;             /* mean fraction of the cache kept per layer, in (0, n_layer] (default 0.1) */
+    float   threshold;          /* sparsity: a probability below threshold * its row's max, in [0, 1) (default 0.01) */
+    float   recent;             /* share of each layer's budget given to the most recent positions, in [0, 1]
+                                   (default 0.1) */
+};
+
+/* What one policy did in the last prefill. VL-Cache (hook after_prefill): n_in = the positions its cache held,
+ * n_kept = the rows each KV head keeps, mean over layers (rounded), the bytes of every layer's K and V. */
 struct vtrim_reduce_stage {
     int32_t method;
     int32_t hook;               /* enum vtrim_hook */
@@ -204,6 +215,8 @@ struct vtrim_reduce_stage {
     int64_t kv_bytes_kept;      /* the same layers' KV bytes as held */
     double  flops_saved;        /* prefill FLOPs it saved (estimate: matmuls + attention): the decoder's, and for
                                  * a vision-encoder stage the tower's and projector's too */
+    double  t_ms;               /* after-prefill stages: wall time of the stage (scoring, choice, compaction);
+                                   0 for stages inside a pass */
 };
 
 /* What the last prefill and the decodes since did. Times in milliseconds. */
@@ -306,18 +319,27 @@ VTRIM_API void    vtrim_fastv_default(struct vtrim_fastv_params * p);
 VTRIM_API void    vtrim_trim_default(struct vtrim_trim_params * p);
 VTRIM_API void    vtrim_ficoco_v_default(struct vtrim_ficoco_v_params * p);
 VTRIM_API void    vtrim_ficoco_l_default(struct vtrim_ficoco_l_params * p);
+VTRIM_API void    vtrim_vlcache_default(struct vtrim_vlcache_params * p);
 /* Check the policy against the model (VTRIM_ERR_INVALID_ARG with the reason: a parameter out of range, or
  * a method that does not apply to this architecture) and append it; on error nothing changes. */
 VTRIM_API int32_t vtrim_reduce_add_fastv(struct vtrim_context * ctx, const struct vtrim_fastv_params * p);
 VTRIM_API int32_t vtrim_reduce_add_trim(struct vtrim_context * ctx, const struct vtrim_trim_params * p);
 VTRIM_API int32_t vtrim_reduce_add_ficoco_v(struct vtrim_context * ctx, const struct vtrim_ficoco_v_params * p);
 VTRIM_API int32_t vtrim_reduce_add_ficoco_l(struct vtrim_context * ctx, const struct vtrim_ficoco_l_params * p);
+/* VL-Cache runs after the prefill of a prompt with images (a text-only prompt: a stage that keeps everything);
+ * at most one per context; LLaVA-style models only (image rows in the decoder's self-attention). */
+VTRIM_API int32_t vtrim_reduce_add_vlcache(struct vtrim_context * ctx, const struct vtrim_vlcache_params * p);
 VTRIM_API int32_t vtrim_reduce_clear(struct vtrim_context * ctx);
 VTRIM_API int32_t vtrim_get_reduce_stage(const struct vtrim_context * ctx, int32_t i, struct vtrim_reduce_stage * out);
 /* The image rows the decoder's last layers hold after the last prefill, as indices into that prefill's
  * expanded prompt (each image placeholder counted as its n_image_tokens rows), ascending. */
 VTRIM_API int32_t vtrim_get_kept_image_rows(const struct vtrim_context * ctx, int32_t * rows, int32_t n_max,
                                             int32_t * n_out);
+/* The positions of the rows decoder layer `layer` holds for KV head `head`, ascending (after VL-Cache each
+ * head keeps its own; a cross-attention layer holds none). *n_out: their count; VTRIM_ERR_BUFFER_TOO_SMALL
+ * when n_max < *n_out. */
+VTRIM_API int32_t vtrim_get_kv_positions(const struct vtrim_context * ctx, int32_t layer, int32_t head, int32_t * pos,
+                                         int32_t n_max, int32_t * n_out);
 
 /* ---- sampling -------------------------------------------------------------------------------- */
 

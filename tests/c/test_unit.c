@@ -155,6 +155,49 @@ static void test_trim_apply(void) {
     CHECK(out.n_kept == 2 && kept[0] == 1 && kept[1] == 4 && !out.include_hook_layer);
 }
 
+static void test_vlcache(void) {
+    struct vtrim_vlcache_params p;
+    vtrim_vlcache_default(&p);
+    CHECK(p.budget == 0.1f && p.threshold == 0.01f && p.recent == 0.1f);
+    const struct vtrim_reduce_caps caps = { .n_layer = 2, .image_rows_in_decoder = true, .first_cross_layer = -1 };
+    const struct vtrim_reduce_caps cross = { .n_layer = 2, .n_cross = 1, .first_cross_layer = 1 };
+    CHECK(vtrim_reducer_vlcache.validate(&p, &caps) == 0);
+    CHECK(vtrim_reducer_vlcache.validate(&p, &cross) == VTRIM_ERR_INVALID_ARG);
+    const float bad[][3] = { { 0.0f, 0.01f, 0.1f }, { 2.5f, 0.01f, 0.1f }, { 0.1f, 1.0f, 0.1f }, { 0.1f, -0.1f, 0.1f },
+                             { 0.1f, 0.01f, 1.5f }, { 0.1f, 0.01f, -0.5f } };
+    for (int i = 0; i < 6; i++) {
+        const struct vtrim_vlcache_params b = { bad[i][0], bad[i][1], bad[i][2] };
+        CHECK(vtrim_reducer_vlcache.validate(&b, &caps) == VTRIM_ERR_INVALID_ARG);
+    }
+    // digest: 2 query heads on 1 KV head, queries at positions 2 and 3 over 4 rows
+    const float probs[2 * 2 * 4] = { 0.5f, 0.499f, 0.001f, 0.0f,   0.25f, 0.25f, 0.25f, 0.25f,
+                                     1.0f, 0.0f, 0.0f, 0.0f,       0.97f, 0.01f, 0.01f, 0.01f };
+    const int32_t q_pos[] = { 2, 3 }, kv_pos[] = { 0, 1, 2, 3 };
+    const struct vtrim_layer_attn a = { .n_q = 2, .n_head = 2, .n_head_kv = 1, .n_kv = 4, .probs = probs,
+                                        .q_pos = q_pos, .kv_pos = kv_pos };
+    float density, sc[4];
+    CHECK(vtrim_reducer_vlcache.digest_layer(&p, &a, &density, sc) == 0);
+    CHECK(fabsf(density - 11.0f / 14.0f) < 1e-6f);    // head sparsities 1/7 and 2/7
+    CHECK(fabsf(sc[0] - 1.36f) < 1e-6f && fabsf(sc[1] - 0.3795f) < 1e-6f && fabsf(sc[3] - 0.13f) < 1e-6f);
+    // apply: budget 0.25 over densities 0.75 / 0.25 -> k = 4 and 1 of 10 rows; recent 0.5 -> w = 2 and 1
+    const struct vtrim_vlcache_params q = { .budget = 0.25f, .threshold = 0.01f, .recent = 0.5f };
+    const float s0[2 * 10] = { 0.1f, 0.9f, 0.1f, 0.5f, 0.5f, 0, 0, 0, 0, 0,    0.7f, 0, 0, 0, 0, 0, 0, 0.2f, 0, 0 };
+    const float s1[2 * 10] = { 0 };
+    const float * scores[] = { s0, s1 };
+    const int32_t rows[] = { 10, 10 };
+    const float dens[] = { 0.75f, 0.25f };
+    int32_t keep[2], k0[20], k1[20];
+    int32_t * kept[] = { k0, k1 };
+    const struct vtrim_reduce_input in = { .n_layer = 2, .n_head_kv = 2, .layer_rows = rows, .layer_density = dens,
+                                           .layer_scores = scores };
+    struct vtrim_reduce_output out = { .layer_keep = keep, .layer_kept = kept };
+    CHECK(vtrim_reducer_vlcache.apply(&q, &in, &out) == 0);
+    CHECK(keep[0] == 4 && keep[1] == 1);
+    CHECK(k0[0] == 1 && k0[1] == 3 && k0[2] == 8 && k0[3] == 9);   // ties (rows 3, 4) to the lower row
+    CHECK(k0[4] == 0 && k0[5] == 7 && k0[6] == 8 && k0[7] == 9);   // the second head keeps its own
+    CHECK(k1[0] == 9 && k1[1] == 9);
+}
+
 static void test_ficoco_step(void) {
     // R = 10 over S = 4 steps: 3, 3, 2, 2
     CHECK(vtrim_ficoco_step_drop(10, 4, 0) == 3 && vtrim_ficoco_step_drop(10, 4, 1) == 3 &&
@@ -367,6 +410,7 @@ int main(void) {
     test_policy_list();
     test_fastv_apply();
     test_trim_apply();
+    test_vlcache();
     test_ficoco_step();
     test_ficoco_l();
 #ifdef VTRIM_UNIT_GGML

@@ -37,6 +37,10 @@ int32_t vtrim_reduce_add_ficoco_l(struct vtrim_context * c, const struct vtrim_f
     return add(c, &vtrim_reducer_ficoco_l, p, "vtrim_reduce_add_ficoco_l");
 }
 
+int32_t vtrim_reduce_add_vlcache(struct vtrim_context * c, const struct vtrim_vlcache_params * p) {
+    return add(c, &vtrim_reducer_vlcache, p, "vtrim_reduce_add_vlcache");
+}
+
 int32_t vtrim_reduce_clear(struct vtrim_context * c) {
     if (!c) {
         return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_reduce_clear: ctx is NULL");
@@ -66,6 +70,25 @@ int32_t vtrim_get_kept_image_rows(const struct vtrim_context * c, int32_t * rows
     }
     if (c->n_kept_image_rows > 0) {
         memcpy(rows, c->kept_image_rows, sizeof(int32_t) * (size_t) c->n_kept_image_rows);
+    }
+    return 0;
+}
+
+int32_t vtrim_get_kv_positions(const struct vtrim_context * c, int32_t layer, int32_t head, int32_t * pos,
+                               int32_t n_max, int32_t * n_out) {
+    if (!c || !n_out || n_max < 0 || (!pos && n_max > 0)) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_get_kv_positions: invalid arguments");
+    }
+    if (layer < 0 || layer >= c->kv.n_layer || head < 0 || head >= c->kv.n_head_kv) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_get_kv_positions: layer %d of %d, head %d of %d", layer,
+                          c->kv.n_layer, head, c->kv.n_head_kv);
+    }
+    *n_out = c->kv.n[layer];
+    if (*n_out > n_max) {
+        return vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_get_kv_positions: needs %d", *n_out);
+    }
+    if (*n_out > 0) {
+        memcpy(pos, vtrim_kv_positions(&c->kv, layer, head), sizeof(int32_t) * (size_t) *n_out);
     }
     return 0;
 }

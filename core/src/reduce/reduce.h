@@ -50,6 +50,13 @@ struct vtrim_reduce_input {
     // Encoder hooks: the tower's patch grid (patches per side): candidate 0 is the CLS row, orig k >= 1 is
     // patch k - 1 of the grid, row-major.
     int32_t        grid;
+    // After-prefill hook: per decoder layer, the rows each KV head holds, what digest_layer made of the
+    // layer's attention (a density, scores [n_head_kv][layer_rows[il]]); NULL elsewhere.
+    int32_t        n_layer;
+    int32_t        n_head_kv;
+    const int32_t * layer_rows;
+    const float *  layer_density;
+    const float * const * layer_scores;
 };
 
 // What apply answers: the kept candidates in ascending order, and optionally merges: each dropped candidate
@@ -65,6 +72,21 @@ struct vtrim_reduce_output {
     // A cross-attention hook: the kept set applies to the ranking layer itself too (else from the next one).
     bool      include_hook_layer;
     int32_t   merge_cap;   // capacity of the merge arrays; 0: n
+    // After-prefill hook: per layer the rows each KV head keeps (layer_keep[il] <= layer_rows[il]) and which:
+    // layer_kept[il][h * layer_keep[il] + i], ascending per head (capacity n_head_kv * layer_rows[il]).
+    int32_t *  layer_keep;
+    int32_t ** layer_kept;
+};
+
+// What an after-prefill hook hands digest_layer for one layer: the causal softmax probabilities of the query
+// rows over the layer's cached rows, per query head: probs[(h * n_q + q) * n_kv + j]. Entry (q, j) is causally
+// valid when kv_pos[j] <= q_pos[q] (kv_pos: head 0's positions; rows that differ between heads all come
+// before every query row, so the validity is the same for every head).
+struct vtrim_layer_attn {
+    int32_t         n_q, n_head, n_head_kv, n_kv;
+    const float *   probs;
+    const int32_t * q_pos;
+    const int32_t * kv_pos;
 };
 
 struct vtrim_reducer {
@@ -87,12 +109,16 @@ struct vtrim_reducer {
     // and step i's layer (increasing; step 0's is layer()). NULL: one step, at layer().
     int32_t (*n_steps)(const void * params, const struct vtrim_reduce_caps * caps);
     int32_t (*step_layer)(const void * params, const struct vtrim_reduce_caps * caps, int32_t step);
+    // After-prefill hooks: one layer's attention -> *density and scores [n_head_kv][n_kv] (the per-layer
+    // summary apply reads, so that no hook holds every layer's probabilities at once). NULL elsewhere.
+    int32_t (*digest_layer)(const void * params, const struct vtrim_layer_attn * a, float * density, float * scores);
 };
 
 extern const struct vtrim_reducer vtrim_reducer_fastv;   // reduce/fastv.c
 extern const struct vtrim_reducer vtrim_reducer_trim;    // reduce/trim.c
 extern const struct vtrim_reducer vtrim_reducer_ficoco_v;   // reduce/ficoco_v.c
 extern const struct vtrim_reducer vtrim_reducer_ficoco_l;   // reduce/ficoco_l.c
+extern const struct vtrim_reducer vtrim_reducer_vlcache; // reduce/vlcache.c
 
 // One method with its params (a copy) at its layer; a multi-step method at each of its step layers.
 struct vtrim_policy {

@@ -24,6 +24,16 @@ struct vtrim_image_rows {
     int32_t   cap_images;
 };
 
+// The query rows an after-prefill policy scores with: their post-RoPE Q in every layer, captured by the
+// prefill's forward passes (runtime/forward.c) while ctx->q_capture is set (runtime/after_prefill.c).
+struct vtrim_q_capture {
+    int32_t   n;          // query rows
+    int32_t * pos;        // their positions, ascending
+    int32_t   n_embd_q;   // head_dim * n_head
+    float *   q;          // [n_layer][n][n_embd_q]
+    int32_t * n_got;      // per layer: rows captured
+};
+
 struct vtrim_context {
     struct vtrim_model *        model;
     struct vtrim_context_params params;
@@ -50,6 +60,7 @@ struct vtrim_context {
 
     struct vtrim_stats stats;
     bool ops_seen[GGML_OP_COUNT + GGML_UNARY_OP_COUNT + GGML_GLU_OP_COUNT];   // see vtrim_graph_ops
+    struct vtrim_q_capture * q_capture;   // during a prefill with an after-prefill policy, else NULL
 };
 
 // Graph plumbing: a graph in the context's metadata memory; run = allocate with the scheduler, upload the

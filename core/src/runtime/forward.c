@@ -60,7 +60,41 @@ struct scratch {
     float *   img;       // n * n_embd
     float *   mask;      // n_kv * n
     int32_t * cols;      // n_kv: positions of the cached rows, then the new rows'
+    int32_t * cap_rows;  // n: rows of the chunk whose Q ctx->q_capture wants, and their slots in it
+    int32_t * cap_slot;
 };
+
+// Rows of [a, b) whose positions the capture lists (both ascending); returns their count.
+static int32_t capture_rows(const struct vtrim_q_capture * cap, const struct vtrim_rows * rows, int32_t a, int32_t b,
+                            int32_t * cap_rows, int32_t * cap_slot) {
+    int32_t n = 0, k = 0;
+    for (int32_t i = a; cap && i < b; i++) {
+        while (k < cap->n && cap->pos[k] < rows->pos[i]) {
+            k++;
+        }
+        if (k < cap->n && cap->pos[k] == rows->pos[i]) {
+            cap_rows[n] = i - a;
+            cap_slot[n++] = k;
+        }
+    }
+    return n;
+}
+
+// The captured Q (tmp: [il1 - il0][n_cap][n_embd_q]) into the capture's slots.
+static void capture_store(struct vtrim_q_capture * cap, const struct vtrim_llama_outputs * out, int il0, int il1,
+                          const float * tmp, const int32_t * cap_slot, int32_t n_cap) {
+    const size_t d = (size_t) cap->n_embd_q;
+    for (int il = il0; il < il1; il++) {
+        if (!out->q[il - il0]) {
+            continue;
+        }
+        for (int32_t k = 0; k < n_cap; k++) {
+            memcpy(cap->q + ((size_t) il * cap->n + cap_slot[k]) * d, tmp + ((size_t) (il - il0) * n_cap + k) * d,
+                   sizeof(float) * d);
+        }
+        cap->n_got[il] += n_cap;
+    }
+}
 
 // One chunk: rows [a, b).
 static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows * rows, int32_t a, int32_t b, int il0,
@@ -93,10 +127,17 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
     const int want = (logits && b == rows->n ? VTRIM_WANT_LOGITS : 0) | (h_out ? VTRIM_WANT_HIDDEN : 0) |
                      (h_in_last ? VTRIM_WANT_H_IN_LAST : 0) | (q_last ? VTRIM_WANT_Q_LAST : 0);
     const struct vtrim_decoder_ext * ext = m->arch->decoder_ext ? m->arch->decoder_ext(c) : NULL;
-    struct vtrim_llama_inputs in;
-    struct vtrim_llama_outputs out;
-    rc = vtrim_llama_build(gctx, gf, m, &c->kv, ext, il0, il1, n_text, n_image, n, want, &in, &out);
-    struct vtrim_tensor_io io_in[5 + VTRIM_EXT_MAX_IO];
+    struct vtrim_llama_inputs in = {0};
+    struct vtrim_llama_outputs out = {0};
+    const int32_t n_cap = capture_rows(c->q_capture, rows, a, b, s->cap_rows, s->cap_slot);
+    const int n_lay = il1 - il0;
+    float * cap_q = n_cap > 0 ? malloc(sizeof(float) * (size_t) n_lay * n_cap * c->q_capture->n_embd_q) : NULL;
+    struct vtrim_tensor_io * io_out = malloc(sizeof *io_out * (size_t) (4 + n_lay));
+    rc = io_out && (cap_q || n_cap == 0) ? 0 : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    if (rc == 0) {
+        rc = vtrim_llama_build(gctx, gf, m, &c->kv, ext, il0, il1, n_text, n_image, n, want, n_cap, &in, &out);
+    }
+    struct vtrim_tensor_io io_in[6 + VTRIM_EXT_MAX_IO];
     int n_ext = 0;
     if (rc == 0 && ext) {
         rc = ext->set_inputs(ext->user, rows, a, n, io_in + 5, &n_ext);
@@ -119,13 +160,20 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
         io_in[2] = (struct vtrim_tensor_io) { in.order, s->order };
         io_in[3] = (struct vtrim_tensor_io) { in.hidden, in.hidden ? rows->hidden + (size_t) a * n_embd : NULL };
         io_in[4] = (struct vtrim_tensor_io) { in.pos, rows->pos + a };
-        const struct vtrim_tensor_io io_out[] = {
-            { out.hidden, out.hidden ? h_out + (size_t) a * n_embd : NULL },
-            { out.h_in_last, out.h_in_last ? h_in_last + (size_t) a * n_embd : NULL },
-            { out.logits, c->logits },
-            { out.q_last, out.q_last ? q_last + (size_t) a * m->text.head_dim * m->text.n_head : NULL },
-        };
-        rc = vtrim_context_graph_exec(c, gf, io_in, 5 + n_ext, io_out, 4);
+        io_in[5 + n_ext] = (struct vtrim_tensor_io) { in.q_rows, s->cap_rows };
+        io_out[0] = (struct vtrim_tensor_io) { out.hidden, out.hidden ? h_out + (size_t) a * n_embd : NULL };
+        io_out[1] = (struct vtrim_tensor_io) { out.h_in_last, out.h_in_last ? h_in_last + (size_t) a * n_embd : NULL };
+        io_out[2] = (struct vtrim_tensor_io) { out.logits, c->logits };
+        io_out[3] = (struct vtrim_tensor_io) {
+            out.q_last, out.q_last ? q_last + (size_t) a * m->text.head_dim * m->text.n_head : NULL };
+        for (int i = 0; i < n_lay; i++) {
+            float * dst = n_cap > 0 ? cap_q + (size_t) i * n_cap * c->q_capture->n_embd_q : NULL;
+            io_out[4 + i] = (struct vtrim_tensor_io) { n_cap > 0 ? out.q[i] : NULL, dst };
+        }
+        rc = vtrim_context_graph_exec(c, gf, io_in, 6 + n_ext, io_out, 4 + n_lay);
+    }
+    if (rc == 0 && n_cap > 0) {
+        capture_store(c->q_capture, &out, il0, il1, cap_q, s->cap_slot, n_cap);
     }
     if (rc == 0) {
         c->has_logits |= out.logits != NULL;
@@ -136,6 +184,9 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
         }
     }
     vtrim_llama_inputs_free(&in);
+    vtrim_llama_outputs_free(&out);
+    free(cap_q);
+    free(io_out);
     ggml_free(gctx);
     return rc;
 }
@@ -155,8 +206,10 @@ int32_t vtrim_forward(struct vtrim_context * c, const struct vtrim_rows * rows, 
         .img = malloc(sizeof(float) * (size_t) n_chunk * n_embd),
         .mask = malloc(sizeof(float) * (size_t) n_kv * n_chunk),
         .cols = malloc(sizeof(int32_t) * (size_t) (max_cached + rows->n)),
+        .cap_rows = malloc(sizeof(int32_t) * (size_t) n_chunk),
+        .cap_slot = malloc(sizeof(int32_t) * (size_t) n_chunk),
     };
-    int32_t rc = s.ids && s.order && s.img && s.mask && s.cols ? 0
+    int32_t rc = s.ids && s.order && s.img && s.mask && s.cols && s.cap_rows && s.cap_slot ? 0
                  : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for a pass of %d rows", rows->n);
     for (int32_t a = 0; a < rows->n && rc == 0; a += n_batch) {
         const int32_t b = a + n_batch < rows->n ? a + n_batch : rows->n;
@@ -167,6 +220,8 @@ int32_t vtrim_forward(struct vtrim_context * c, const struct vtrim_rows * rows, 
     free(s.img);
     free(s.mask);
     free(s.cols);
+    free(s.cap_rows);
+    free(s.cap_slot);
     return rc;
 }
 

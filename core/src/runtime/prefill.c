@@ -3,6 +3,7 @@
 #include "api/error.h"
 #include "arch/arch.h"
 #include "reduce/reduce.h"
+#include "runtime/after_prefill.h"
 #include "runtime/context.h"
 #include "runtime/forward.h"
 #include "runtime/stages.h"
@@ -47,17 +48,29 @@ static int32_t run_prompt(struct vtrim_context * c, struct vtrim_rows * rows, bo
     if (!order) {
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
     }
-    const int32_t n_order = reduce ? vtrim_policy_list_order(&c->policies, VTRIM_HOOK_VISION_ENCODER, order) : 0;
+    const int32_t n_order = vtrim_policy_list_order(&c->policies, VTRIM_HOOK_VISION_ENCODER, order);
     int il = 0;
     int32_t rc = 0;
+    // An after-prefill policy (at most one captures: its method is one per context) scores with the Q of its
+    // query rows in every layer, captured while the prompt runs.
+    for (int32_t i = 0; reduce && i < n_order && rc == 0 && !c->q_capture; i++) {
+        const struct vtrim_policy * p = &c->policies.items[order[i]];
+        if (p->r->hook == VTRIM_HOOK_AFTER_PREFILL) {
+            rc = vtrim_capture_begin(c, p, rows);
+        }
+    }
     // A decoder-hook policy fires at each of its step layers (its steps are consecutive in the prompt's
     // order: policies of one hook do not interleave); a cross-attention one at its layer.
-    for (int32_t i = 0, step = 0; i < n_order && rc == 0; ) {
+    for (int32_t i = 0, step = 0; reduce && i < n_order && rc == 0; ) {
         const struct vtrim_policy * p = &c->policies.items[order[i]];
         const int32_t hook = p->r->hook;
+        if (hook == VTRIM_HOOK_AFTER_PREFILL) {
+            i++;
+            continue;   // once every layer ran
+        }
         const bool decoder = hook == VTRIM_HOOK_DECODER_LAYER, matrix = decoder && p->r->scores.matrix;
         const int k = p->step_layers[step];
-        if (hook == VTRIM_HOOK_AFTER_PREFILL || (hook == VTRIM_HOOK_CROSS_ATTN && !m->arch->cross_attn_stage)) {
+        if (hook == VTRIM_HOOK_CROSS_ATTN && !m->arch->cross_attn_stage) {
             rc = vtrim_fail(VTRIM_ERR_UNSUPPORTED, "%s: no executor for its hook on this model", p->r->name);
             break;
         }
@@ -92,13 +105,22 @@ static int32_t run_prompt(struct vtrim_context * c, struct vtrim_rows * rows, bo
             i++;
         }
     }
-    free(order);
     for (int l = il; l < n_layer && rc == 0; l++) {
         *flops += vtrim_layer_flops(hp, rows->n, c->kv.n[l]);
     }
     if (rc == 0) {
         rc = vtrim_forward(c, rows, il, n_layer, NULL, NULL, NULL, true);
     }
+    for (int32_t i = 0; i < n_order && rc == 0; i++) {
+        const struct vtrim_policy * p = &c->policies.items[order[i]];
+        if (p->r->hook == VTRIM_HOOK_AFTER_PREFILL && reduce) {
+            rc = vtrim_stage_after_prefill(c, p);
+        } else if (p->r->hook == VTRIM_HOOK_AFTER_PREFILL) {
+            vtrim_stage_after_prefill_none(c, p);   // a prompt without images: nothing to do, and the stage says so
+        }
+    }
+    vtrim_capture_end(c);
+    free(order);
     return rc;
 }
 

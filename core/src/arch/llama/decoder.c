@@ -37,6 +37,11 @@ int32_t vtrim_llama_n_kv_padded(int32_t n_kv, int32_t n_ctx) {
     return padded < n_ctx ? padded : n_ctx;
 }
 
+void vtrim_llama_outputs_free(struct vtrim_llama_outputs * out) {
+    free(out->q);
+    out->q = NULL;
+}
+
 void vtrim_llama_inputs_free(struct vtrim_llama_inputs * in) {
     free(in->mask);
     free(in->mask_layer);
@@ -85,8 +90,8 @@ static struct ggml_tensor * cache_view(struct ggml_context * ctx, const struct v
 
 int32_t vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, const struct vtrim_model * m,
                           const struct vtrim_kv_cache * kv, const struct vtrim_decoder_ext * ext, int il0, int il1,
-                          int32_t n_text, int32_t n_image, int32_t n, int want, struct vtrim_llama_inputs * in,
-                          struct vtrim_llama_outputs * out) {
+                          int32_t n_text, int32_t n_image, int32_t n, int want, int32_t n_q_rows,
+                          struct vtrim_llama_inputs * in, struct vtrim_llama_outputs * out) {
     const struct vtrim_text_hparams * hp = &m->text;
     const int64_t n_embd_kv = (int64_t) hp->head_dim * hp->n_head_kv;
     const float scale = 1.0f / sqrtf((float) hp->head_dim);
@@ -94,9 +99,15 @@ int32_t vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, co
     memset(out, 0, sizeof *out);
     in->mask = calloc((size_t) (il1 - il0 + 1), sizeof *in->mask);
     in->mask_layer = calloc((size_t) (il1 - il0 + 1), sizeof *in->mask_layer);
-    if (!in->mask || !in->mask_layer) {
+    out->q = n_q_rows > 0 ? calloc((size_t) (il1 - il0), sizeof *out->q) : NULL;
+    if (!in->mask || !in->mask_layer || (n_q_rows > 0 && !out->q)) {
         vtrim_llama_inputs_free(in);
+        vtrim_llama_outputs_free(out);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for the decoder masks");
+    }
+    if (n_q_rows > 0) {
+        in->q_rows = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_q_rows);
+        ggml_set_input(in->q_rows);
     }
 
     struct ggml_tensor * cur;
@@ -136,6 +147,13 @@ int32_t vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, co
             ggml_set_output(q);
         }
         struct ggml_tensor * v = ggml_mul_mat(ctx, l->wv, cur);
+        if (n_q_rows > 0) {
+            struct ggml_tensor * qr = ggml_get_rows(ctx, ggml_reshape_2d(ctx, q, hp->head_dim * hp->n_head, n),
+                                                    in->q_rows);
+            ggml_set_output(qr);
+            ggml_build_forward_expand(gf, qr);
+            out->q[il - il0] = qr;
+        }
 
         const size_t row = ggml_row_size(kv->type, n_embd_kv);
         ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, n_embd_kv, n),
@@ -172,6 +190,16 @@ int32_t vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, co
         ggml_build_forward_expand(gf, cur);
     }
     return 0;
+}
+
+struct ggml_tensor * vtrim_llama_build_attn_probs(struct ggml_context * ctx, const struct vtrim_model * m,
+                                                  const struct vtrim_kv_cache * kv, int il, struct ggml_tensor * q,
+                                                  struct ggml_tensor ** mask) {
+    const struct vtrim_text_hparams * hp = &m->text;
+    *mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, kv->n[il], q->ne[2]);
+    ggml_set_input(*mask);
+    return vtrim_attn_probe_probs(ctx, q, cache_view(ctx, kv, kv->k[il], hp, kv->n[il]), *mask,
+                                  1.0f / sqrtf((float) hp->head_dim));
 }
 
 struct ggml_tensor * vtrim_llama_build_attn_probe(struct ggml_context * ctx, const struct vtrim_model * m,

@@ -47,6 +47,7 @@ struct vtrim_llama_inputs {
     int                   n_masks;
     struct ggml_tensor ** mask;       // il1 - il0 slots
     int32_t *             mask_layer;
+    struct ggml_tensor *  q_rows;     // I32 [n_q_rows]: rows whose Q is an output (n_q_rows > 0)
 };
 
 void vtrim_llama_inputs_free(struct vtrim_llama_inputs * in);
@@ -63,18 +64,31 @@ struct vtrim_llama_outputs {
     struct ggml_tensor * hidden;
     struct ggml_tensor * h_in_last;
     struct ggml_tensor * q_last;
+    // n_q_rows > 0: per layer il0 + i, the post-RoPE Q of the rows in->q_rows, F32 [head_dim * n_head, n_q_rows]
+    // (NULL for foreign layers): what an after-prefill policy scores with (runtime/after_prefill.c).
+    struct ggml_tensor ** q;
 };
 
+void vtrim_llama_outputs_free(struct vtrim_llama_outputs * out);
+
 // Layers [il0, il1) over n rows (n_text + n_image of them when il0 == 0), appending their K/V at row
-// kv->n[il] of each layer. Does not advance kv->n. ext: foreign layers, or NULL.
+// kv->n[il] of each layer. Does not advance kv->n. ext: foreign layers, or NULL. n_q_rows > 0: also output
+// the Q of that many rows (out->q).
 int32_t vtrim_llama_build(struct ggml_context * ctx, struct ggml_cgraph * gf, const struct vtrim_model * m,
                           const struct vtrim_kv_cache * kv, const struct vtrim_decoder_ext * ext, int il0, int il1,
-                          int32_t n_text, int32_t n_image, int32_t n, int want, struct vtrim_llama_inputs * in,
-                          struct vtrim_llama_outputs * out);
+                          int32_t n_text, int32_t n_image, int32_t n, int want, int32_t n_q_rows,
+                          struct vtrim_llama_inputs * in, struct vtrim_llama_outputs * out);
 
 // Attention probabilities of layer il for n_q query rows (their hidden states entering layer il,
 // [n_embd, n_q]) over the layer's kv->n[il] cached rows, averaged over heads and rows: F32 [kv->n[il]].
 // Fills *pos (I32 [n_q]) and *mask (F32 [kv->n[il], n_q]) as inputs.
+// The per-head causal softmax probabilities of n_q query rows (q: their post-RoPE Q, F32 [head_dim, n_head,
+// n_q], an input) over layer il's kv->n[il] cached rows: F32 [kv->n[il], n_q, n_head]. *mask (F32
+// [kv->n[il], n_q]) is an input.
+struct ggml_tensor * vtrim_llama_build_attn_probs(struct ggml_context * ctx, const struct vtrim_model * m,
+                                                  const struct vtrim_kv_cache * kv, int il, struct ggml_tensor * q,
+                                                  struct ggml_tensor ** mask);
+
 struct ggml_tensor * vtrim_llama_build_attn_probe(struct ggml_context * ctx, const struct vtrim_model * m,
                                                   const struct vtrim_kv_cache * kv, int il, struct ggml_tensor * h,
                                                   struct ggml_tensor ** pos, struct ggml_tensor ** mask);
