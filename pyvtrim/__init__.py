@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ._ffi import backends, data_path, version
 from .errors import (
+    VtrimAbortedError,
     VtrimBackendError,
     VtrimClosedError,
     VtrimContextFullError,
@@ -28,6 +29,7 @@ from .errors import (
 )
 from .chat import Chat
 from .model import Model
+from .session import Session
 from .reduce import FastV, TrimCrossAttn
 
 __version__ = "0.1.0"
@@ -36,7 +38,9 @@ __all__ = [
     "Chat",
     "FastV",
     "Model",
+    "Session",
     "TrimCrossAttn",
+    "VtrimAbortedError",
     "VtrimBackendError",
     "VtrimClosedError",
     "VtrimContextFullError",

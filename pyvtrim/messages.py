@@ -36,6 +36,7 @@ MLLAMA_DATE = "26 Jul 2024"   # the template's default date_string
 class Message:
     role: str
     parts: List[Tuple[str, Any]] = field(default_factory=list)   # ("text", str) | ("image", bytes or image)
+    is_string: bool = False   # the content was a string (templates treat it apart: mllama's trims it)
 
     @property
     def texts(self) -> List[str]:
@@ -125,6 +126,7 @@ def parse(messages: Any) -> List[Message]:
         msg = Message(role)
         if isinstance(content, str):
             msg.parts.append(("text", content))
+            msg.is_string = True
         elif isinstance(content, (list, tuple)):
             msg.parts += [_part(p, f"{where}.content[{j}]") for j, p in enumerate(content)]
         else:
@@ -150,7 +152,7 @@ def render_llava(msgs: Sequence[Message], image: str) -> str:
 def render_mllama(msgs: Sequence[Message], image: str) -> str:
     system = ""
     if msgs[0].role == "system":
-        texts = msgs[0].texts
+        texts = msgs[0].texts   # the template takes a string, or the first part's text
         system = (texts[0] if texts else "").strip()
         msgs = msgs[1:]
     has_images = any(m.images for m in msgs)
@@ -162,7 +164,7 @@ def render_mllama(msgs: Sequence[Message], image: str) -> str:
                  f"Today Date: {MLLAMA_DATE}\n\n{system}<|eot_id|>")
     for m in msgs:
         text += f"<|start_header_id|>{m.role}<|end_header_id|>\n\n"
-        if len(m.parts) == 1 and m.parts[0][0] == "text":  # a string content: the template trims it
+        if m.is_string:  # the template trims a string content, not text parts
             text += m.parts[0][1].strip()
         else:
             text += "".join(image if k == "image" else v for k, v in m.parts)

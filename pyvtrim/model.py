@@ -96,6 +96,7 @@ class Model:
             raise VtrimValueError(f"n_threads must be >= 1 (None: all cores), got {n_threads}")
         self.n_threads = int(n_threads) if n_threads is not None else (os.cpu_count() or 1)
         self.n_ctx = int(n_ctx)
+        self.kv_type = kv_type
         self.vocab_only = bool(vocab_only)
         self._lock = threading.RLock()   # the model's own calls (tokenizer, images); sessions have theirs
         self._closing = False
@@ -148,9 +149,10 @@ class Model:
         with self._lock:
             self._finalizer()
 
-    def session(self, *, n_ctx: Optional[int] = None, kv_type: str = "f16",
+    def session(self, *, n_ctx: Optional[int] = None, kv_type: Optional[str] = None,
                 n_threads: Optional[int] = None) -> "Session":
-        """A new sequence (its own KV cache and lock) on these weights; n_ctx None: the Model's."""
+        """A new sequence (its own KV cache and lock) on these weights; None: the Model's n_ctx, kv_type,
+        n_threads."""
         from .session import Session
 
         if self.vocab_only:

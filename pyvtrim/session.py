@@ -71,8 +71,9 @@ class _Ctx:
 class Session:
     """A sequence (KV cache) on a Model: made by Model.session(n_ctx=..., kv_type=...)."""
 
-    def __init__(self, model: "Model", *, n_ctx: Optional[int] = None, kv_type: str = "f16",
+    def __init__(self, model: "Model", *, n_ctx: Optional[int] = None, kv_type: Optional[str] = None,
                  n_threads: Optional[int] = None) -> None:
+        kv_type = model.kv_type if kv_type is None else kv_type
         if kv_type not in KV_TYPES:
             raise VtrimValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
         n_ctx = model.n_ctx if n_ctx is None else int(n_ctx)

@@ -38,11 +38,14 @@ def user(text, image=True):
     return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
 
 
-def hf_form(messages):
+def hf_form(messages, keep_strings=False):
     """The same conversation as HF processors take it ({"type": "image"} parts)."""
     out = []
     for m in messages:
         content = m["content"]
+        if isinstance(content, str) and keep_strings:
+            out.append(dict(m))
+            continue
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
         out.append({"role": m["role"], "content": [{"type": "image"} if p["type"] == "image_url" else p
@@ -80,6 +83,7 @@ def test_llava_prompt_is_the_hf_processors(llava_tiny, i) -> None:
 MLLAMA_CASES = [
     [user("What is it?")],
     [{"role": "system", "content": "  Be brief. "}, {"role": "user", "content": " Hi "}],
+    [{"role": "user", "content": [{"type": "text", "text": " Hi "}]}],
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
      {"role": "user", "content": [{"type": "text", "text": "Bye"}]}],
     [user("What is it?"), {"role": "assistant", "content": "A cat."}, user("And this?")],
@@ -97,7 +101,7 @@ def test_mllama_prompt_is_the_templates(i) -> None:
     env = jinja2.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     conv = MLLAMA_CASES[i]
     expected = env.from_string(MLLAMA_CHAT_TEMPLATE).render(
-        messages=hf_form(conv), add_generation_prompt=True, bos_token="<|begin_of_text|>", raise_exception=fail)
+        messages=hf_form(conv, keep_strings=True), add_generation_prompt=True, bos_token="<|begin_of_text|>", raise_exception=fail)
     text, has_bos, _ = msgs.conversation("mllama", conv)
     assert text == expected and has_bos
 

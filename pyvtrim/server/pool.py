@@ -20,7 +20,7 @@ class QueueFull(Exception):
 
 
 class SessionPool:
-    def __init__(self, model: Any, parallel: int, *, n_ctx: Optional[int] = None, kv_type: str = "f16",
+    def __init__(self, model: Any, parallel: int, *, n_ctx: Optional[int] = None, kv_type: Optional[str] = None,
                  n_threads: Optional[int] = None, queue: int = 16) -> None:
         if parallel < 1 or queue < 0:
             raise ValueError(f"parallel must be >= 1 and queue >= 0, got {parallel} and {queue}")
