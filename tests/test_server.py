@@ -84,9 +84,9 @@ class Server:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
-                return r.status, json.loads(r.read()), dict(r.headers)
+                return r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()}
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read()), dict(e.headers)
+            return e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()}
 
     def close(self):
         self.proc.terminate()
@@ -143,7 +143,7 @@ def test_reduce_extension_reports_its_stages(client) -> None:
                                        extra_body={"pyvtrim": {"reduce": [{"method": "fastv", "k": 1,
                                                                            "ratio": 0.5}]}})
     stages = r.usage.model_extra["pyvtrim"]["stages"]
-    assert stages[0]["method"] == "fastv" and stages[0]["n_kept"] == stages[0]["n_in"] - stages[0]["n_in"] // 2
+    assert stages[0]["method"] == "fastv" and stages[0]["n_kept"] == int(0.5 * stages[0]["n_in"])
 
 
 @pytest.mark.parametrize("body, status, needle", [
@@ -208,7 +208,7 @@ def test_bounded_load(server) -> None:
     assert codes.count(200) >= 6
     for code, out, headers in results:
         if code == 503:
-            assert headers.get("Retry-After") == "1" and out["error"]["code"] == "queue_full"
+            assert headers.get("retry-after") == "1" and out["error"]["code"] == "queue_full"
         else:
             assert out["choices"][0]["message"]["role"] == "assistant"
     deadline = time.time() + 30   # a worker gives its session back just after its answer went out
