@@ -362,3 +362,6 @@ class Model:
 
     def _reset(self) -> None:
         self._session()._reset()
+
+    def _text_pieces(self, tokens: Any, on_done: Any = None) -> Any:
+        return self._session()._text_pieces(tokens, on_done)

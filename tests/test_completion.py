@@ -235,3 +235,20 @@ def test_corrupt_image_missing_file_and_oversized_prompt(model, tmp_path) -> Non
         model.create_chat_completion([{"role": "user", "content": "word " * 1200}], max_tokens=1)
     # and the session still answers
     assert model.create_chat_completion([user("What is it?")], max_tokens=2)["usage"]["completion_tokens"] <= 2
+
+
+def test_mllama_completions_run_and_prefill_afresh(mllama_tiny) -> None:
+    """Llama-3.2-Vision keeps its images in cross-attention caches: no prefix reuse, each request prefills the
+    whole conversation, and the answer equals a fresh session's."""
+    with pyvtrim.Model(str(mllama_tiny.gguf), n_ctx=512, kv_type="f32", n_threads=1) as m:
+        s = m.session()
+        first = s.create_chat_completion([user("What is it?")], max_tokens=4)
+        assert first["usage"]["pyvtrim"]["n_images"] == 1
+        conv = [user("What is it?"), {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                {"role": "user", "content": "And then?"}]
+        second = s.create_chat_completion(conv, max_tokens=4)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        fresh = m.session().create_chat_completion(conv, max_tokens=4)
+        assert fresh["choices"] == second["choices"]
+        with pytest.raises(ValueError, match="system message"):
+            s.create_chat_completion([{"role": "system", "content": "Be brief."}, user("What is it?")])
