@@ -57,7 +57,8 @@ def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Model:
-    """A vision-language model loaded from GGUF, with one context (KV cache) for running it.
+    """A vision-language model loaded from GGUF, with a default Session (KV cache) for running it;
+    session() makes more on the same weights.
 
     path: one GGUF with text and vision towers, or llama.cpp's text GGUF with `mmproj` its vision GGUF.
     n_ctx: tokens the KV cache holds (image tokens count; 0: the model's trained context).

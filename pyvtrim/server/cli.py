@@ -45,7 +45,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(model, pool, model_name=name)
         print(f"pyvtrim serve: {name} on http://{args.host}:{args.port}/v1 ({args.parallel} session(s), "
               f"{threads} thread(s) each)", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                # Ctrl-C / SIGTERM: running generations stop at their next step (uvicorn would wait for them)
+                for session in pool.sessions:
+                    session.cancel()
+                super().handle_exit(sig, frame)
+
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
     finally:
         model.close()
     return 0
