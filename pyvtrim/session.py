@@ -463,8 +463,8 @@ class Session:
         return pieces if stream else "".join(pieces)
 
     def start_chat(self, **sampling: Any) -> "Chat":
-        """A multi-turn conversation on this Model; see Chat."""
-        from .chat import Chat  # noqa: F811  (chat.py builds on Model: imported here, not at module level)
+        """A multi-turn conversation on this session; see Chat."""
+        from .chat import Chat  # noqa: F811  (chat.py builds on Session: imported here, not at module level)
 
         return Chat(self, **sampling)
 

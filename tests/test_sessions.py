@@ -160,3 +160,11 @@ def test_cancel_ends_a_generation_and_the_session_goes_on(model) -> None:
     assert len(rest) <= 1 and s.last_stats["finish_reason"] == "cancelled"
     assert s.generate(toks, [IMAGE], max_tokens=20) == expected
     s.close()
+
+
+def test_a_chat_on_a_session_equals_one_on_the_default_session(model) -> None:
+    s = model.session()
+    chat, ref = s.start_chat(max_tokens=6), model.start_chat(max_tokens=6)
+    got = [chat.ask("What is it?", image=IMAGE), chat.ask("And the colour?")]
+    assert got == [ref.ask("What is it?", image=IMAGE), ref.ask("And the colour?")]
+    s.close()
