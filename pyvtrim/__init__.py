@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ._ffi import backends, data_path, version
 from .errors import (
+    VtrimAbortedError,
     VtrimBackendError,
     VtrimClosedError,
     VtrimContextFullError,
@@ -29,6 +30,7 @@ from .errors import (
 from .chat import Chat
 from .model import Model
 from .reduce import FastV, FiCoCoL, FiCoCoV, TrimCrossAttn, VLCache
+from .session import Session
 
 __version__ = "0.1.0"
 
@@ -38,8 +40,10 @@ __all__ = [
     "FiCoCoV",
     "FiCoCoL",
     "Model",
+    "Session",
     "TrimCrossAttn",
     "VLCache",
+    "VtrimAbortedError",
     "VtrimBackendError",
     "VtrimClosedError",
     "VtrimContextFullError",

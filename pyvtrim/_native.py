@@ -17,6 +17,7 @@ Tokens = Union[Sequence[int], np.ndarray]
 FINISH_EOS = "eos"                    # the model sampled an end-of-generation token
 FINISH_LENGTH = "length"              # max_tokens were generated
 FINISH_CONTEXT_FULL = "context_full"  # the KV cache (n_ctx) is full
+FINISH_CANCELLED = "cancelled"        # Session.cancel() stopped it
 
 
 def _max_tokens(value: Any) -> int:
@@ -61,19 +62,19 @@ def _token_array(tokens: Tokens) -> np.ndarray:
 
 
 class _Handles:
-    """The native pointers of a Model, freed once (by close() or by the garbage collector)."""
+    """The native pointers of a Model (weights, every session's context), freed once (by close() or by the garbage collector)."""
 
-    __slots__ = ("lib", "model", "ctx")
+    __slots__ = ("lib", "model", "contexts")
 
     def __init__(self, lib: Any) -> None:
         self.lib = lib
         self.model: Any = None
-        self.ctx: Any = None
+        self.contexts: List[Any] = []   # the sessions' (session._Ctx): freed before the model
 
     def free(self) -> None:
-        if self.ctx is not None:
-            self.lib.vtrim_context_free(self.ctx)
-            self.ctx = None
+        for ctx in list(self.contexts):
+            ctx.free()
+        self.contexts.clear()
         if self.model is not None:
             self.lib.vtrim_model_free(self.model)
             self.model = None

@@ -1,4 +1,4 @@
-"""Chat: a multi-turn conversation on a Model, keeping its sequence in the Model's context across turns."""
+"""Chat: a multi-turn conversation on a Session (or a Model's default one), keeping its sequence across turns."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from ._native import _max_tokens, _Pending, _Sampler
 from .errors import VtrimContextFullError
 from .images import ImageLike, as_image_list
 from .model import Model
+from .session import Session
 
 class _Turn:
     """One user turn of a Chat and its reply, enough to rebuild the conversation without older turns."""
@@ -38,15 +39,16 @@ class Chat:
     last_stats["finish_reason"] == "context_full".
     """
 
-    def __init__(self, model: Model, *, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 40,
+    def __init__(self, model: "Model | Session", *, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 40,
                  top_p: float = 0.95, seed: int = 0, reduce: Any = None) -> None:
         self.model = model
+        self._s: Session = model._session() if isinstance(model, Model) else model
         self.max_tokens = _max_tokens(max_tokens)
         self.history: List[Tuple[str, str]] = []
         self.turns_dropped = 0
         self._reduce = reduce
         self._sampler = _Sampler(temperature, top_k, top_p, seed)
-        model._apply_reduce(reduce)
+        self._s._apply_reduce(reduce)
         self._turns: List[_Turn] = []     # the turns in the KV cache
         self._tokens: List[int] = []      # the conversation's tokens in the KV cache
         self._images: List[ImageLike] = []
@@ -58,9 +60,10 @@ class Chat:
     def ask(self, question: str, image: Optional[ImageLike] = None, *, stream: bool = False,
             max_tokens: Optional[int] = None) -> Union[str, Iterator[str]]:
         """The model's answer to the next user turn (with an optional image); stream as in Model.chat."""
-        m = self.model
+        m = self._s
         n = self.max_tokens if max_tokens is None else _max_tokens(max_tokens)
         with m._lock:
+            m._begin()
             self._finish_stream()
             images = as_image_list(image)
             turn = _Turn(m.chat_prompt(question, len(images)), images)
@@ -104,7 +107,7 @@ class Chat:
             return pieces
 
     def _conversation(self, turns: List[_Turn]) -> Tuple[List[int], List[ImageLike]]:
-        m = self.model
+        m = self._s
         tokens: List[int] = []
         images: List[ImageLike] = []
         for i, t in enumerate(turns):
@@ -114,7 +117,7 @@ class Chat:
 
     def _rebuild(self, turn: _Turn) -> None:
         """A fresh sequence with the kept turns and `turn`, dropping the oldest turns while it does not fit."""
-        m = self.model
+        m = self._s
         for drop in range(len(self._turns) + 1):
             kept = self._turns[drop:]
             tokens, images = self._conversation(kept + [turn])

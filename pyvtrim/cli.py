@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print what a GGUF model is (shapes, vocabulary, weight types)")
     info.add_argument("model")
     info.add_argument("--mmproj")
+
+    from .server.cli import add_serve_args
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (pip install \"pyvtrim[server]\")")
+    add_serve_args(serve)
+    _add_runtime_args(serve)
     return parser
 
 
@@ -391,6 +397,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .errors import VtrimError
 
     try:
+        if args.command == "serve":
+            from .server.cli import cmd_serve
+
+            return cmd_serve(args)
         return {"chat": cmd_chat, "demo": cmd_demo, "info": cmd_info}[args.command](args)
     except BrokenPipeError:
         return _reader_gone()

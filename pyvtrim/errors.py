@@ -14,6 +14,7 @@ from the built-in exception a Python caller would expect, so both ``except Vtrim
     VTRIM_ERR_BACKEND           VtrimBackendError        (VtrimError)
     VTRIM_ERR_IMAGE             VtrimImageError          (VtrimError, ValueError)
     VTRIM_ERR_STATE             VtrimStateError          (VtrimError)
+    VTRIM_ERR_ABORTED           VtrimAbortedError        (VtrimError)
 
 A malformed file (FORMAT) and a valid file this runtime cannot run (UNSUPPORTED: an unknown
 architecture, a GPU asked for in a CPU-only build) are deliberately *not* ValueErrors: the caller's
@@ -38,6 +39,7 @@ ERR_BACKEND = -7
 ERR_IMAGE = -8
 ERR_STATE = -9
 ERR_BUFFER_TOO_SMALL = -10
+ERR_ABORTED = -11
 
 
 class VtrimError(RuntimeError):
@@ -96,6 +98,10 @@ class VtrimClosedError(VtrimStateError):
     """The Model (or Chat) was closed; its native memory is gone."""
 
 
+class VtrimAbortedError(VtrimError):
+    """A prefill or decode stopped by Session.cancel() (the C abort flag); the sequence is as before it."""
+
+
 class VtrimLibraryError(VtrimError, OSError):
     """libvtrim (the shared library of the package) could not be found or loaded."""
 
@@ -110,6 +116,7 @@ _BY_CODE: dict[int, type[VtrimError]] = {
     ERR_BACKEND: VtrimBackendError,
     ERR_IMAGE: VtrimImageError,
     ERR_STATE: VtrimStateError,
+    ERR_ABORTED: VtrimAbortedError,
 }
 
 _DEFAULT_MESSAGE: dict[int, str] = {

@@ -1,4 +1,5 @@
-"""The Python API: Model (weights + one context); Chat (pyvtrim/chat.py) is a conversation on a Model.
+"""The Python API: Model (weights + a default Session); Session (pyvtrim/session.py) is one context on it;
+Chat (pyvtrim/chat.py) is a conversation on a Session.
 
     with pyvtrim.Model("llava.gguf") as m:
         print(m.chat("cat.jpg", "What is on the table?"))
@@ -6,42 +7,40 @@
             print(piece, end="", flush=True)
 
 A Model holds native memory (weights, KV cache); close() or a `with` block frees it, and any use after
-that raises VtrimClosedError. A Model owns one context (one KV cache, one sequence). Calls from several
-threads are serialised by a lock (a second caller waits), never run at once; a stream being read in one
-thread while another thread starts a new sequence raises VtrimStateError at its next piece, and close()
-from another thread stops a generation at its next token (it raises VtrimClosedError there). For
-parallel work use one Model per thread. forward(), generate() and chat() each start a fresh sequence;
+that raises VtrimClosedError. Model.forward/generate/chat/... run on the Model's default session (one KV
+cache, one sequence); model.session() makes more, which share the weights and run at the same time from
+their own threads. Calls on one session from several threads are serialised by its lock (a second caller
+waits), never run at once; a stream being read in one thread while another thread starts a new sequence
+raises VtrimStateError at its next piece, and close() from another thread stops a generation at its next
+token (it raises VtrimClosedError there). forward(), generate() and chat() each start a fresh sequence;
 a Chat keeps its sequence across turns and prefills only each new turn.
 """
 
 from __future__ import annotations
 
-import codecs
 import functools
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _ffi
 from .errors import (
     VtrimClosedError,
-    VtrimContextFullError,
     VtrimStateError,
     VtrimUnsupportedError,
     VtrimValueError,
     check,
     file_not_found,
 )
-from ._native import (Tokens, _Handles, _max_tokens, _Pending, _Sampler, _sized_call, _struct_to_dict,
-                      _token_array, FINISH_CONTEXT_FULL, FINISH_EOS, FINISH_LENGTH)
-from .images import ImageLike, as_image_list, native_images
-from .reduce import policies_of, stage_dict
+from ._native import Tokens, _Handles, _sized_call, _struct_to_dict, _token_array
+from .images import ImageLike, native_images
 
 if TYPE_CHECKING:
     from .chat import Chat
+    from .session import Session
 
 Images = Union[ImageLike, Sequence[ImageLike], None]
 
@@ -58,7 +57,8 @@ def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Model:
-    """A vision-language model loaded from GGUF, with one context (KV cache) for running it.
+    """A vision-language model loaded from GGUF, with a default Session (KV cache) for running it;
+    session() makes more on the same weights.
 
     path: one GGUF with text and vision towers, or llama.cpp's text GGUF with `mmproj` its vision GGUF.
     n_ctx: tokens the KV cache holds (image tokens count; 0: the model's trained context).
@@ -97,11 +97,12 @@ class Model:
             raise VtrimValueError(f"n_threads must be >= 1 (None: all cores), got {n_threads}")
         self.n_threads = int(n_threads) if n_threads is not None else (os.cpu_count() or 1)
         self.n_ctx = int(n_ctx)
+        self.kv_type = kv_type
         self.vocab_only = bool(vocab_only)
-        self._seq_id = 0  # bumped by every reset: streams and chats notice that their sequence is gone
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()   # the model's own calls (tokenizer, images); sessions have theirs
         self._closing = False
-        self._finish_reason: Optional[str] = None
+        self._default = None
+        self._sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
 
         self._ffi, self._lib = _ffi.get()[:2]
         ffi, lib = self._ffi, self._lib
@@ -130,14 +131,9 @@ class Model:
                 self.n_ctx = int(self._info.get("n_ctx_train", 0))
 
             if not self.vocab_only:
-                cp = ffi.new("struct vtrim_context_params *")
-                lib.vtrim_context_params_default(cp)
-                cp.n_ctx = self.n_ctx
-                cp.n_threads = self.n_threads
-                cp.kv_type = KV_TYPES[kv_type]
-                ctx = ffi.new("struct vtrim_context **")
-                check(lib.vtrim_context_init(self._handles.model, cp, ctx))
-                self._handles.ctx = ctx[0]
+                from .session import Session  # session.py builds on Model: imported here, not at module level
+
+                self._default: Optional[Session] = Session(self, n_ctx=self.n_ctx, kv_type=kv_type)
         except BaseException:
             self.close()
             raise
@@ -145,11 +141,24 @@ class Model:
     # ---- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Frees the context and the weights. Safe to call twice, and from another thread: a generation
-        running there stops at its next token (raising VtrimClosedError) and close() waits for that."""
+        """Frees every session's context and the weights. Safe to call twice, and from another thread: a
+        generation running in a session stops at its next token (raising VtrimClosedError) and close()
+        waits for that."""
         self._closing = True
+        for session in list(self._sessions):
+            session.close()
         with self._lock:
             self._finalizer()
+
+    def session(self, *, n_ctx: Optional[int] = None, kv_type: Optional[str] = None,
+                n_threads: Optional[int] = None) -> "Session":
+        """A new sequence (its own KV cache and lock) on these weights; None: the Model's n_ctx, kv_type,
+        n_threads."""
+        from .session import Session
+
+        if self.vocab_only:
+            raise VtrimStateError("this Model was loaded with vocab_only=True and has no context")
+        return Session(self, n_ctx=n_ctx, kv_type=kv_type, n_threads=n_threads)
 
     @property
     def closed(self) -> bool:
@@ -170,11 +179,15 @@ class Model:
             raise VtrimClosedError("the Model is closed")
         return self._handles.model
 
-    def _ctx(self) -> Any:
+    def _session(self) -> "Session":
+        """The default session, on which forward/generate/chat/... run."""
         self._model()
-        if self._handles.ctx is None:
+        if self._default is None:
             raise VtrimStateError("this Model was loaded with vocab_only=True and has no context")
-        return self._handles.ctx
+        return self._default
+
+    def _ctx(self) -> Any:
+        return self._session()._ctx()
 
     # ---- what the model is ---------------------------------------------------------------------
 
@@ -191,77 +204,6 @@ class Model:
     @property
     def image_token_id(self) -> int:
         return int(self.info["image_token_id"])
-
-    @property
-    @_locked
-    def last_stats(self) -> Dict[str, Any]:
-        """What the last prefill and the decodes since did: n_past, n_prompt_tokens, n_images,
-        n_image_tokens, n_image_tokens_kept, kv_cache_bytes, t_encode_ms, t_prefill_ms, t_decode_ms,
-        n_decoded, prefill_flops(_full), "stages": one dict per reduction stage that ran, and
-        "finish_reason": why the last generation ended ("eos", "length", "context_full"; None while it
-        runs or when its stream was closed early)."""
-        ctx, ffi, lib = self._ctx(), self._ffi, self._lib
-        stats = ffi.new("struct vtrim_stats *")
-        check(lib.vtrim_get_stats(ctx, stats))
-        out = _struct_to_dict(ffi, stats)
-        stage = ffi.new("struct vtrim_reduce_stage *")
-        out["stages"] = []
-        for i in range(int(out.get("n_stages", 0))):
-            check(lib.vtrim_get_reduce_stage(ctx, i, stage))
-            out["stages"].append(stage_dict(stage))
-        out["finish_reason"] = self._finish_reason
-        return out
-
-    @property
-    @_locked
-    def graph_ops(self) -> List[str]:
-        """The ggml ops of every graph this Model's context has run, by ggml's enum names (e.g.
-        "GGML_OP_MUL_MAT", "GGML_UNARY_OP_SILU"), sorted: what a backend must support to run them."""
-        ctx, ffi = self._ctx(), self._ffi
-        buf: List[Any] = [None]
-        n_out = ffi.new("int32_t *")
-
-        def attempt(capacity: int) -> Tuple[int, int]:
-            buf[0] = ffi.new("char[]", capacity)
-            rc = self._lib.vtrim_graph_ops(ctx, buf[0], capacity, n_out)
-            return rc, int(n_out[0]) + 1
-
-        _sized_call(attempt, 1024)
-        text = ffi.string(buf[0]).decode("ascii")
-        return text.split(",") if text else []
-
-    @_locked
-    def last_kept_image_rows(self) -> List[int]:
-        """The image rows the decoder's last layers hold after the last prefill, ascending, as indices
-        into that prefill's expanded prompt (each image placeholder counted as n_image_tokens rows)."""
-        ctx, ffi = self._ctx(), self._ffi
-        buf: List[Any] = [None]
-        n_out = ffi.new("int32_t *")
-
-        def attempt(capacity: int) -> Tuple[int, int]:
-            buf[0] = ffi.new("int32_t[]", capacity)
-            return self._lib.vtrim_get_kept_image_rows(ctx, buf[0], capacity, n_out), int(n_out[0])
-
-        n = _sized_call(attempt, max(1, int(self.last_stats["n_image_tokens"])))
-        return list(ffi.unpack(buf[0], n))
-
-    @_locked
-    def kv_positions(self, layer: int, head: int) -> List[int]:
-        """The positions of the rows decoder layer ``layer`` holds for KV head ``head``, ascending: every
-        position of the sequence unless a reduction dropped some (after VLCache each KV head keeps its own)."""
-        ctx, ffi = self._ctx(), self._ffi
-        buf: List[Any] = [None]
-        n_out = ffi.new("int32_t *")
-
-        def attempt(capacity: int) -> Tuple[int, int]:
-            buf[0] = ffi.new("int32_t[]", capacity)
-            return self._lib.vtrim_get_kv_positions(ctx, int(layer), int(head), buf[0], capacity,
-                                                    n_out), int(n_out[0])
-
-        n = _sized_call(attempt, 256)
-        return list(ffi.unpack(buf[0], n))
-
-    # ---- text ----------------------------------------------------------------------------------
 
     @_locked
     def tokenize(self, text: str, add_special: bool = True) -> List[int]:
@@ -363,212 +305,67 @@ class Model:
 
     # ---- low level: the sequence step by step ----------------------------------------------------
 
-    @_locked
+    # ---- the default session -----------------------------------------------------------------------
+    # A Model is usable as one sequence: these run on its default session (see Session for each).
+
+    @property
+    def last_stats(self) -> Dict[str, Any]:
+        return self._session().last_stats
+
+    @property
+    def graph_ops(self) -> List[str]:
+        return self._session().graph_ops
+
+    def last_kept_image_rows(self) -> List[int]:
+        return self._session().last_kept_image_rows()
+
+    def kv_positions(self, layer: int, head: int) -> List[int]:
+        return self._session().kv_positions(layer, head)
+
     def reset(self) -> None:
-        """Forgets the sequence (empties the KV cache)."""
-        self._reset()
+        self._session().reset()
 
-    @_locked
     def prefill(self, tokens: Tokens, images: Images = (), *, reduce: Any = None) -> np.ndarray:
-        """Appends tokens (and images, one per image_token_id) to the current sequence; returns the last
-        position's logits. forward() is reset() + prefill()."""
-        self._ctx()
-        self._apply_reduce(reduce)
-        self._prefill(tokens, images)
-        return self._logits()
+        return self._session().prefill(tokens, images, reduce=reduce)
 
-    @_locked
     def decode(self, token: int) -> np.ndarray:
-        """Appends one token to the sequence and returns its logits."""
-        check(self._lib.vtrim_decode(self._ctx(), int(token)))
-        return self._logits()
+        return self._session().decode(token)
 
-    @_locked
     def logits(self) -> np.ndarray:
-        """The float32 logits of the sequence's last position."""
-        return self._logits()
+        return self._session().logits()
 
-    # ---- running -------------------------------------------------------------------------------
-
-    def _apply_reduce(self, reduce: Any) -> None:
-        """Makes `reduce` (None, a policy such as pyvtrim.FastV, or a list of them, applied in order) the
-        context's visual-token reduction: all or nothing, a bad policy leaves no reduction installed."""
-        ctx, ffi, lib = self._ctx(), self._ffi, self._lib
-        added = [policy.to_c(ffi, lib) for policy in policies_of(reduce)]  # ValueError before any change
-        check(lib.vtrim_reduce_clear(ctx))
-        try:
-            for add, p in added:
-                check(add(ctx, p))
-        except BaseException:
-            lib.vtrim_reduce_clear(ctx)
-            raise
-
-    def _reset(self) -> None:
-        check(self._lib.vtrim_context_reset(self._ctx()))
-        self._seq_id += 1
-
-    def _prefill(self, tokens: Tokens, images: Images) -> None:
-        ctx, ffi = self._ctx(), self._ffi
-        arr = _token_array(tokens)
-        if arr.size == 0:
-            raise VtrimValueError("no tokens to prefill")
-        image_list = as_image_list(images)
-        n_placeholders = int(np.count_nonzero(arr == self.image_token_id))
-        if n_placeholders != len(image_list):
-            raise VtrimValueError(
-                f"the tokens hold {n_placeholders} image placeholder(s) (id {self.image_token_id}) "
-                f"but {len(image_list)} image(s) were given")
-        with native_images(image_list) as handles:
-            check(self._lib.vtrim_prefill(ctx, ffi.from_buffer("int32_t[]", arr), int(arr.size),
-                                          handles, len(image_list)))
-
-    def _logits(self) -> np.ndarray:
-        logits = np.empty(self.n_vocab, dtype=np.float32)
-        check(self._lib.vtrim_logits(self._ctx(), self._ffi.from_buffer("float[]", logits), logits.size))
-        return logits
-
-    def _check_seq(self, seq_id: int) -> None:
-        self._ctx()  # a Model closed while a stream was being read
-        if self._seq_id != seq_id:
-            raise VtrimStateError("the Model started another sequence while this one was being generated")
-
-    def _sample_tokens(self, sampler: _Sampler, max_tokens: int, pending: _Pending) -> Iterator[int]:
-        """Samples after a prefill: yields tokens until an EOG (not yielded) or max_tokens. Every yielded
-        token but the last is decoded into the sequence; `pending` records what is not (yet) in it.
-        A full context ends the generation early."""
-        # The sequence is the one of now, not of the first next(): a stream read later notices a reset.
-        return self._sample_loop(sampler, max_tokens, pending, self._seq_id)
-
-    def _sample_loop(self, sampler: _Sampler, max_tokens: int, pending: _Pending, seq_id: int) -> Iterator[int]:
-        # The lock is held for each step, not across a yield: the reader of a stream may be another thread,
-        # and close() must be able to come in between two tokens.
-        lib = self._lib
-        pending.tokens = []
-        self._finish_reason = None
-        if max_tokens == 0:
-            self._finish_reason = FINISH_LENGTH
-            return
-        try:
-            for i in range(max_tokens):
-                with self._lock:
-                    self._check_seq(seq_id)
-                    token = sampler.sample(self._ctx())
-                    pending.tokens = [token]
-                    if lib.vtrim_token_is_eog(self._model(), token):
-                        self._finish_reason = FINISH_EOS
-                        return
-                    if i + 1 == max_tokens:
-                        self._finish_reason = FINISH_LENGTH
-                yield token
-                if i + 1 == max_tokens:
-                    return
-                with self._lock:
-                    self._check_seq(seq_id)
-                    try:
-                        check(lib.vtrim_decode(self._ctx(), token))
-                    except VtrimContextFullError:
-                        self._finish_reason = FINISH_CONTEXT_FULL
-                        return
-                    pending.tokens = []
-                    pending.decoded.append(token)
-        except GeneratorExit:  # closed at a yield: the sequence is as recorded
-            raise
-        except BaseException:  # e.g. KeyboardInterrupt between a decode and its record
-            pending.broken = True
-            raise
-
-    def _text_pieces(self, tokens: Iterator[int], on_done: Optional[Callable[[str], None]] = None
-                     ) -> Iterator[str]:
-        """Text of a reply as it is generated: only complete UTF-8 characters, the first piece without
-        SentencePiece's leading space. The pieces join to exactly the detokenized reply."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        ids: List[int] = []
-        fed = 0
-        text: List[str] = []
-        try:
-            for token in tokens:
-                ids.append(token)
-                data = self.detokenize_bytes(ids, remove_leading_space=True)
-                piece = decoder.decode(data[fed:])
-                fed = len(data)
-                if piece:
-                    text.append(piece)
-                    yield piece
-            piece = decoder.decode(b"", final=True)
-            if piece:
-                text.append(piece)
-                yield piece
-        finally:
-            if on_done is not None:
-                on_done("".join(text))
-
-    @_locked
     def forward(self, tokens: Tokens, images: Images = (), *, reduce: Any = None) -> np.ndarray:
-        """Runs a fresh sequence over tokens (each image_token_id takes the next image) and returns the
-        float32 logits of the last position, shape [n_vocab]."""
-        self._ctx()
-        self._apply_reduce(reduce)
-        self._reset()
-        self._prefill(tokens, images)
-        return self._logits()
+        return self._session().forward(tokens, images, reduce=reduce)
 
-    @_locked
-    def generate(
-        self,
-        tokens: Tokens,
-        images: Images = (),
-        *,
-        max_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        seed: int = 0,
-        reduce: Any = None,
-    ) -> List[int]:
-        """A fresh sequence: prefill tokens (and images), then sample until an end-of-generation token
-        (not included) or max_tokens. temperature 0 is greedy."""
-        self._ctx()
-        n = _max_tokens(max_tokens)
-        sampler = _Sampler(temperature, top_k, top_p, seed)
-        try:
-            self._apply_reduce(reduce)
-            self._reset()
-            self._prefill(tokens, images)
-            return list(self._sample_tokens(sampler, n, _Pending()))
-        finally:
-            sampler.close()
+    def generate(self, tokens: Tokens, images: Images = (), **kwargs: Any) -> List[int]:
+        return self._session().generate(tokens, images, **kwargs)
 
-    @_locked
-    def chat(
-        self,
-        image: Optional[ImageLike],
-        question: str,
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        seed: int = 0,
-        stream: bool = False,
-        reduce: Any = None,
-    ) -> Union[str, Iterator[str]]:
-        """Answers one question about one image (None: a text-only question) in a fresh sequence.
-        stream=True returns an iterator of text pieces; the image is encoded and the prompt prefilled
-        before this returns, so input errors raise here, not in the iterator."""
-        self._ctx()
-        n = _max_tokens(max_tokens)
-        sampler = _Sampler(temperature, top_k, top_p, seed)
-        images = as_image_list(image)
-        self._apply_reduce(reduce)
-        tokens = self.tokenize(self.chat_prompt(question, len(images)), add_special=True)
-        self._reset()
-        self._prefill(tokens, images)
-        pieces = self._text_pieces(self._sample_tokens(sampler, n, _Pending()),
-                                   on_done=lambda _: sampler.close())
-        return pieces if stream else "".join(pieces)
+    def chat(self, image: Optional[ImageLike] = None, question: Optional[str] = None, *,
+             messages: Optional[List[Dict[str, Any]]] = None, **kwargs: Any) -> Any:
+        """Model.chat(image, question, ...) (see Session.chat), or Model.chat(messages=[...], ...): an
+        OpenAI-style conversation, as create_chat_completion, returning the reply's text (or a stream of
+        text pieces with stream=True)."""
+        if messages is not None:
+            if question is not None or image is not None:
+                raise VtrimValueError("give either messages= or an image and a question, not both")
+            return self._session().chat_messages(messages, **kwargs)
+        if question is None:
+            raise VtrimValueError("chat() needs a question (or messages=)")
+        return self._session().chat(image, question, **kwargs)
+
+    def create_chat_completion(self, messages: List[Dict[str, Any]], **kwargs: Any) -> Any:
+        return self._session().create_chat_completion(messages, **kwargs)
 
     def start_chat(self, **sampling: Any) -> "Chat":
-        """A multi-turn conversation on this Model; see Chat."""
-        from .chat import Chat  # noqa: F811  (chat.py builds on Model: imported here, not at module level)
+        return self._session().start_chat(**sampling)
 
-        return Chat(self, **sampling)
+    # used by Chat and the tests on a Model
+    @property
+    def _seq_id(self) -> int:
+        return self._session()._seq_id
+
+    def _reset(self) -> None:
+        self._session()._reset()
+
+    def _text_pieces(self, tokens: Any, on_done: Any = None) -> Any:
+        return self._session()._text_pieces(tokens, on_done)

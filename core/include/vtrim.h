@@ -69,7 +69,8 @@ enum vtrim_status {
     VTRIM_ERR_BACKEND              =  -7, /* ggml failed to allocate or compute a graph                 */
     VTRIM_ERR_IMAGE                =  -8, /* a corrupt, empty or undecodable image                      */
     VTRIM_ERR_STATE                =  -9, /* a call in the wrong order (decode before prefill)          */
-    VTRIM_ERR_BUFFER_TOO_SMALL     = -10  /* the caller's buffer is too small; *n_out says how large    */
+    VTRIM_ERR_BUFFER_TOO_SMALL     = -10, /* the caller's buffer is too small; *n_out says how large    */
+    VTRIM_ERR_ABORTED              = -11  /* stopped by vtrim_context_abort or the abort callback       */
 };
 
 enum vtrim_device {
@@ -296,6 +297,23 @@ VTRIM_API int32_t vtrim_context_init(struct vtrim_model * model, const struct vt
 VTRIM_API void    vtrim_context_free(struct vtrim_context * ctx);
 /* Forgets the sequence (empties the KV cache); keeps buffers and reduction policies. */
 VTRIM_API int32_t vtrim_context_reset(struct vtrim_context * ctx);
+
+/* Keeps the first n_keep positions of the sequence and forgets the rest (prefix reuse: a conversation that
+ * starts with what the context holds goes on from there; the next call must be a vtrim_prefill, which gives
+ * the logits). The reduction policies' choices in the kept part stay as they were made. Fails with
+ * VTRIM_ERR_UNSUPPORTED, changing nothing, for an architecture whose images live outside the KV cache
+ * (mllama's cross-attention states), and VTRIM_ERR_INVALID_ARG when n_keep is not in [0, n_past]. */
+VTRIM_API int32_t vtrim_context_truncate(struct vtrim_context * ctx, int32_t n_keep);
+
+/* Cancellation. Checked before and during every graph compute (by the CPU backend between nodes, as in
+ * llama.cpp; on a GPU between graphs): once vtrim_context_abort(ctx, true) was called, or the callback
+ * returns true, the running vtrim_prefill/vtrim_decode fails with VTRIM_ERR_ABORTED and leaves the sequence
+ * as it was before that call. The flag stays set (every later call fails) until vtrim_context_abort(ctx,
+ * false). vtrim_context_abort may be called from any thread; the callback runs on a compute thread. */
+typedef bool (*vtrim_abort_callback)(void * data);
+VTRIM_API void    vtrim_context_set_abort_callback(struct vtrim_context * ctx, vtrim_abort_callback callback,
+                                                   void * data);
+VTRIM_API void    vtrim_context_abort(struct vtrim_context * ctx, bool abort);
 
 /* Appends tokens to the sequence and computes the logits of the last one. Each image_token_id in
  * tokens is replaced by the embeddings of the next image, in order; the counts must match.

@@ -37,6 +37,24 @@ static int default_threads(void) {
 #endif
 }
 
+static bool context_should_abort(void * data) {
+    struct vtrim_context * c = data;
+    return atomic_load(&c->abort_flag) || (c->abort_callback && c->abort_callback(c->abort_data));
+}
+
+void vtrim_context_set_abort_callback(struct vtrim_context * c, vtrim_abort_callback callback, void * data) {
+    if (c) {
+        c->abort_callback = callback;
+        c->abort_data = data;
+    }
+}
+
+void vtrim_context_abort(struct vtrim_context * c, bool abort) {
+    if (c) {
+        atomic_store(&c->abort_flag, abort);
+    }
+}
+
 int32_t vtrim_context_init(struct vtrim_model * model, const struct vtrim_context_params * params,
                            struct vtrim_context ** out) {
     if (!model || !out) {
@@ -69,6 +87,7 @@ int32_t vtrim_context_init(struct vtrim_model * model, const struct vtrim_contex
     }
     c->model = model;
     c->params = p;
+    atomic_init(&c->abort_flag, false);
     int32_t rc = 0;
     ggml_backend_dev_t cpu_dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
     if (model->dev != cpu_dev) {
@@ -83,6 +102,7 @@ int32_t vtrim_context_init(struct vtrim_model * model, const struct vtrim_contex
     }
     if (rc == 0) {
         ggml_backend_cpu_set_n_threads(c->cpu, p.n_threads);
+        ggml_backend_cpu_set_abort_callback(c->cpu, context_should_abort, c);
         c->sched = ggml_backend_sched_new(c->backends, NULL, c->n_backends, VTRIM_GRAPH_SIZE, false, true);
         if (!c->sched) {
             rc = vtrim_fail(VTRIM_ERR_BACKEND, "cannot create the ggml scheduler");
@@ -162,6 +182,27 @@ int32_t vtrim_context_reset(struct vtrim_context * c) {
     return 0;
 }
 
+int32_t vtrim_context_truncate(struct vtrim_context * c, int32_t n_keep) {
+    if (!c || n_keep < 0 || n_keep > c->n_past) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_context_truncate: n_keep %d is not in [0, n_past=%d]", n_keep,
+                          c ? c->n_past : 0);
+    }
+    if (n_keep == 0) {
+        return vtrim_context_reset(c);
+    }
+    if (c->model->has_vision && !c->model->arch->image_rows_in_decoder) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "a %s context cannot be truncated: its images live outside the KV cache",
+                          c->model->arch->name);
+    }
+    const int32_t rc = vtrim_kv_truncate(&c->kv, n_keep - 1);
+    if (rc < 0) {
+        return rc;
+    }
+    c->n_past = n_keep;
+    c->has_logits = false;
+    return 0;
+}
+
 int32_t vtrim_context_graph_new(struct vtrim_context * c, struct ggml_context ** gctx, struct ggml_cgraph ** gf) {
     struct ggml_init_params ip = { .mem_size = c->meta_size, .mem_buffer = c->meta, .no_alloc = true };
     *gctx = ggml_init(ip);
@@ -211,7 +252,14 @@ int32_t vtrim_context_graph_exec(struct vtrim_context * c, struct ggml_cgraph * 
         }
     }
     note_ops(c, gf);
-    if (ggml_backend_sched_graph_compute(c->sched, gf) != GGML_STATUS_SUCCESS) {
+    if (context_should_abort(c)) {
+        return vtrim_fail(VTRIM_ERR_ABORTED, "aborted");
+    }
+    const enum ggml_status st = ggml_backend_sched_graph_compute(c->sched, gf);
+    if (st == GGML_STATUS_ABORTED || (st != GGML_STATUS_SUCCESS && context_should_abort(c))) {
+        return vtrim_fail(VTRIM_ERR_ABORTED, "aborted");
+    }
+    if (st != GGML_STATUS_SUCCESS) {
         return vtrim_fail(VTRIM_ERR_BACKEND, "graph computation failed");
     }
     for (int i = 0; i < n_out; i++) {

@@ -10,6 +10,8 @@
 
 #include "ggml-backend.h"
 
+#include <stdatomic.h>
+
 // Image rows that enter the decoder (LLaVA): the embeddings of the current prefill's images, image-major,
 // and how many rows each image kept after the vision tower (an encoder reduction may keep fewer).
 struct vtrim_image_rows {
@@ -59,6 +61,9 @@ struct vtrim_context {
     int32_t                     n_kept_image_rows;
 
     struct vtrim_stats stats;
+    atomic_bool          abort_flag;      // vtrim_context_abort
+    vtrim_abort_callback abort_callback;  // vtrim_context_set_abort_callback
+    void *               abort_data;
     bool ops_seen[GGML_OP_COUNT + GGML_UNARY_OP_COUNT + GGML_GLU_OP_COUNT];   // see vtrim_graph_ops
     struct vtrim_q_capture * q_capture;   // during a prefill with an after-prefill policy, else NULL
 };
