@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "core" / "src"
 PURE_SOURCES = ["kv/mask.c", "runtime/sampling.c", "api/error.c", "reduce/reduce.c", "reduce/fastv.c",
-                "reduce/trim.c", "reduce/ficoco.c", "reduce/ficoco_l.c", "reduce/vlcache.c"]
+                "reduce/trim.c", "reduce/ficoco.c", "reduce/ficoco_v.c", "reduce/ficoco_l.c", "reduce/vlcache.c"]
 
 
 def _compiler() -> str | None:

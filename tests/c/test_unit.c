@@ -284,6 +284,52 @@ static void test_ficoco_l(void) {
     CHECK(vtrim_reducer_ficoco_l.apply(&p, &in, &out) == 0 && out.n_kept == n && out.n_merge == 0);
 }
 
+static void test_ficoco_v(void) {
+    // a 4-layer tower of 3 x 3 patches (odd: narrow edge windows)
+    const struct vtrim_reduce_caps caps = { .n_layer = 4, .image_rows_in_decoder = true, .first_cross_layer = -1,
+                                            .n_vision_layer = 4, .vision_grid = 3 };
+    const struct vtrim_reduce_caps cross = { .n_layer = 4, .n_cross = 1, .first_cross_layer = 1,
+                                             .n_vision_layer = 4 };
+    struct vtrim_ficoco_v_params p;
+    vtrim_ficoco_v_default(&p);
+    CHECK(p.tokens == 64 && p.start_layer == 12 && p.lam == 0.35f && p.eps == 0.998f);
+    struct vtrim_policy_list l = { 0 };
+    p.tokens = 7;
+    p.start_layer = 4;    // f = 3
+    CHECK(vtrim_policy_list_add(&l, &vtrim_reducer_ficoco_v, &p, &caps) == VTRIM_ERR_INVALID_ARG);
+    p.start_layer = 1;
+    CHECK(vtrim_policy_list_add(&l, &vtrim_reducer_ficoco_v, &p, &cross) == VTRIM_ERR_INVALID_ARG);
+    p.tokens = 10;
+    CHECK(vtrim_policy_list_add(&l, &vtrim_reducer_ficoco_v, &p, &caps) == VTRIM_ERR_INVALID_ARG);
+    p.tokens = 7;
+    CHECK(vtrim_policy_list_add(&l, &vtrim_reducer_ficoco_v, &p, &caps) == 0);
+    CHECK(l.n == 1 && l.items[0].layer == 1 && l.items[0].n_steps == 3 && l.items[0].step_layers[2] == 3);
+    vtrim_policy_list_free(&l);
+
+    // One step dropping r = 2 of 9 patches (rows 1..9; row 0 the CLS). Logits: the CLS row's for patch k is
+    // 0.1 k, row 1 (patch 0) has logit 1 for row 5, the rest 0. Scores -0.65 * 0.1 k (+ 0.35 / 9 for
+    // patch 0); each 2x2 window's largest (negative) is halved: patch 0 (-0.013) and patch 2 (-0.0975) are
+    // the largest and go. Targets (m = 1): row 1 -> row 5 (logit 1); row 3 -> row 2 (all 0: the lowest kept).
+    float attn[10 * 10] = { 0 };
+    int32_t orig[10];
+    for (int i = 0; i < 10; i++) {
+        orig[i] = i;
+        attn[i] = 0.1f * (float) i;
+    }
+    attn[0] = 0.0f;
+    attn[1 * 10 + 5] = 1.0f;
+    int32_t kept[10], src[100], dst[100];
+    float w[100];
+    struct vtrim_reduce_output out = { .kept = kept, .merge_src = src, .merge_dst = dst, .merge_w = w,
+                                       .merge_cap = 100 };
+    struct vtrim_reduce_input in = { .n = 10, .attn = attn, .orig = orig, .step = 0, .n_steps = 1, .grid = 3 };
+    CHECK(vtrim_reducer_ficoco_v.apply(&p, &in, &out) == 0);
+    CHECK(out.n_kept == 8 && kept[0] == 0 && kept[1] == 2 && kept[2] == 4 && kept[7] == 9);
+    CHECK(out.n_merge == 2 && src[0] == 1 && dst[0] == 5 && w[0] == 1.0f && src[1] == 3 && dst[1] == 2);
+    p.tokens = 9;         // nothing to drop: every row kept, no merge
+    CHECK(vtrim_reducer_ficoco_v.apply(&p, &in, &out) == 0 && out.n_kept == 10 && out.n_merge == 0);
+}
+
 #ifdef VTRIM_UNIT_GGML
 #include "attn_probe.h"
 #include "kv/kv_cache.h"
@@ -413,6 +459,7 @@ int main(void) {
     test_vlcache();
     test_ficoco_step();
     test_ficoco_l();
+    test_ficoco_v();
 #ifdef VTRIM_UNIT_GGML
     test_kv_cache();
     test_logits_head_mean();
