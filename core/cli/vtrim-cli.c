@@ -122,7 +122,8 @@ static int parse(int argc, char ** argv, struct options * o) {
             const char * colon = strchr(v, ':');
             const size_t len = colon ? (size_t) (colon - v) : strlen(v);
             snprintf(n, sizeof n, "%.*s", (int) (len < sizeof n ? len : sizeof n - 1), v);
-            rc = len >= sizeof n ? bad_value(argv0, a, v, "N or N:L") : parse_long(argv0, a, n, 1, INT_MAX, &o->ficoco_l);
+            rc = len >= sizeof n ? bad_value(argv0, a, v, "N or N:L")
+                                 : parse_long(argv0, a, n, 1, INT_MAX, &o->ficoco_l);
             if (rc == 0 && colon) {
                 rc = parse_long(argv0, a, colon + 1, 1, INT_MAX, &o->ficoco_l_start);
             }

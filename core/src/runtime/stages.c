@@ -62,9 +62,12 @@ static int32_t merge_rows(float * h, int32_t n, int32_t n_embd, const struct vtr
         acc[o->merge_dst[i]] += o->merge_w[i];
     }
     for (int32_t j = 0; j < o->n_kept; j++) {
+        if (acc[o->kept[j]] == 0.0f) {   // nothing merged into it: its state as it was, bit for bit
+            continue;
+        }
         float * dst = h + (size_t) o->kept[j] * n_embd;
         const float scale = 1.0f / (1.0f + acc[o->kept[j]]);
-        for (int32_t e = 0; acc[o->kept[j]] != 0.0f && e < n_embd; e++) {
+        for (int32_t e = 0; e < n_embd; e++) {
             dst[e] *= scale;
         }
     }
