@@ -79,7 +79,8 @@ static int32_t run_prompt(struct vtrim_context * c, struct vtrim_rows * rows, bo
         float * h_out = malloc(sizeof(float) * (size_t) rows->n * n_embd);
         float * h_in = decoder && !matrix ? malloc(sizeof(float) * (size_t) rows->n * n_embd) : NULL;
         float * q = matrix ? malloc(sizeof(float) * (size_t) rows->n * hp->head_dim * hp->n_head) : NULL;
-        rc = (h_out && (h_in || q || !decoder)) ? 0 : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for hidden states");
+        rc = (h_out && (h_in || q || !decoder)) ? 0
+             : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for hidden states");
         for (int l = il; l < k && rc == 0; l++) {
             *flops += vtrim_layer_flops(hp, rows->n, c->kv.n[l]);
         }

@@ -63,9 +63,12 @@ static int32_t merge_rows(float * h, int32_t n, int32_t n_embd, const struct vtr
         acc[o->merge_dst[i]] += o->merge_w[i];
     }
     for (int32_t j = 0; j < o->n_kept; j++) {
+        if (acc[o->kept[j]] == 0.0f) {   // nothing merged into it: its state as it was, bit for bit
+            continue;
+        }
         float * dst = h + (size_t) o->kept[j] * n_embd;
         const float scale = 1.0f / (1.0f + acc[o->kept[j]]);
-        for (int32_t e = 0; acc[o->kept[j]] != 0.0f && e < n_embd; e++) {
+        for (int32_t e = 0; e < n_embd; e++) {
             dst[e] *= scale;
         }
     }
@@ -94,16 +97,15 @@ int32_t vtrim_stage_decoder(struct vtrim_context * c, const struct vtrim_policy 
         return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "%s: the decoder-layer hook gives head-mean probabilities or the "
                           "head-mean logit matrix only", p->r->name);
     }
-    const int32_t n_before = c->kv.n[il] - n;
-    // A step that drops r of a group's c rows into m targets each makes r m <= r (c - r) <= c^2 / 4 merges.
-    const int32_t merge_cap = req->matrix ? n + n / 2 * ((n + 1) / 2) : n;
+    const int32_t n_before = c->kv.n[il] - n, n_rows = n, n_img = vtrim_rows_count_image(rows);
+    // A step that drops r of an image's c rows into m targets each makes r m <= r (c - r) <= c^2 / 4 merges.
+    const int32_t merge_cap = req->matrix ? n + n_img / 2 * ((n_img + 1) / 2) : n;
     int32_t * ibuf = malloc(sizeof(int32_t) * (4 * (size_t) n + 2 * (size_t) merge_cap));   // q|kept|off|len|src|dst
     float * scores = req->matrix ? NULL : malloc(sizeof(float) * (size_t) c->kv.n[il]);
     float * attn = req->matrix ? malloc(sizeof(float) * (size_t) n * (size_t) n) : NULL;
     float * w = malloc(sizeof(float) * (size_t) merge_cap);
     struct vtrim_rows out = {0};
     int32_t rc = (ibuf && (scores || attn) && w) ? 0 : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
-    const int32_t n_rows = n, n_img = vtrim_rows_count_image(rows);
     int32_t n_groups = 0;
     if (rc == 0 && req->matrix) {
         rc = vtrim_probe_logits(c, rows, q, il, attn);
