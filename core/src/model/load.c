@@ -3,6 +3,7 @@
 
 #include "arch/arch.h"
 #include "api/error.h"
+#include "model/gguf_open.h"
 #include "model/gguf_util.h"
 #include "vocab/vocab.h"
 
@@ -56,10 +57,11 @@ static int32_t open_gguf(const char * path, struct weight_file * f) {
     if (got != 4 || memcmp(magic, "GGUF", 4) != 0) {
         return vtrim_fail(VTRIM_ERR_FORMAT, "'%s' is not a GGUF file (bad magic)", path);
     }
-    struct gguf_init_params gp = { .no_alloc = true, .ctx = NULL };
-    f->gguf = gguf_init_from_file(path, gp);
+    char why[256];
+    f->gguf = vtrim_gguf_open(path, why, sizeof why);
     if (!f->gguf) {
-        return vtrim_fail(VTRIM_ERR_FORMAT, "'%s' is not a valid GGUF file (truncated or corrupt header)", path);
+        return vtrim_fail(VTRIM_ERR_FORMAT, "'%s' is not a valid GGUF file: %s", path,
+                          why[0] ? why : "truncated or corrupt header");
     }
     f->path = path;
     // Tensor data must lie inside the file: a truncated download fails here, not in the middle of a read.

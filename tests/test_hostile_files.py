@@ -1,0 +1,155 @@
+"""Hostile files, each a named case: GGUF headers that lie (sizes that overflow, absurd dimensions, offsets past
+the end, duplicate names, a 2^63-byte string, vocabularies with no tokens or no merges) and images that claim more
+than they hold. Each must be refused with a clear error, quickly and without allocating what it claims: the
+loader runs in a child process with an address-space cap of 2 GiB, so an attempt to allocate a claimed tensor or
+image fails the test instead of the machine (under tools/sanitize.sh the cap is left to ASan's allocator, which
+cannot start under it)."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import pytest
+
+from gguf_craft import ARRAY, I32, STRING, U32, Gguf, gguf_string, llama_header
+
+CAP_BYTES = 2 << 30
+
+_CHILD = textwrap.dedent("""
+    import json, os, resource, sys
+    if "asan" not in os.environ.get("LD_PRELOAD", ""):   # ASan reserves terabytes of shadow address space
+        resource.setrlimit(resource.RLIMIT_AS, ({cap}, {cap}))
+    import pyvtrim
+    kind, path, vocab_only = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    try:
+        if kind == "model":
+            pyvtrim.Model(path, vocab_only=vocab_only, device="cpu", n_ctx=64)
+        else:
+            from pyvtrim import _ffi, images
+            _ffi.get()[1].vtrim_image_free(images.load(path))
+        print(json.dumps({{"ok": True}}))
+    except Exception as e:
+        print(json.dumps({{"ok": False, "type": type(e).__name__, "msg": str(e)}}))
+""")
+
+
+def _load(path: Path, kind: str = "model", vocab_only: bool = False) -> dict:
+    """Loads in a child under the address-space cap; returns what happened."""
+    r = subprocess.run([sys.executable, "-c", _CHILD.format(cap=CAP_BYTES), kind, str(path), "1" if vocab_only else "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"the loader crashed (exit {r.returncode}):\n{r.stderr[-2000:]}"
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _refused(path: Path, *words: str, vocab_only: bool = False) -> str:
+    got = _load(path, vocab_only=vocab_only)
+    assert not got["ok"], "a hostile file loaded"
+    assert got["type"] in ("VtrimFormatError", "VtrimUnsupportedError", "VtrimIOError"), got
+    for w in words:
+        assert w.lower() in got["msg"].lower(), got["msg"]
+    return got["msg"]
+
+
+def _write(tmp_path: Path, name: str, g: Gguf) -> Path:
+    p = tmp_path / name
+    p.write_bytes(g.bytes())
+    return p
+
+
+def test_tensor_size_overflowing_int64(tmp_path: Path) -> None:
+    g = llama_header(Gguf()).tensor("token_embd.weight", [1 << 62, 1 << 62])
+    _refused(_write(tmp_path, "overflow.gguf", g), "overflow")
+
+
+def test_tensor_of_2_to_the_40_elements_in_a_tiny_file(tmp_path: Path) -> None:
+    g = llama_header(Gguf()).tensor("token_embd.weight", [1 << 20, 1 << 20])
+    _refused(_write(tmp_path, "huge.gguf", g), "truncated", "token_embd.weight")
+
+
+def test_tensor_offset_past_the_end(tmp_path: Path) -> None:
+    g = llama_header(Gguf(data=b"\0" * 64)).tensor("token_embd.weight", [8, 2], offset=1 << 40)
+    _refused(_write(tmp_path, "offset.gguf", g), "offset")
+
+
+def test_duplicate_tensor_names(tmp_path: Path) -> None:
+    g = llama_header(Gguf(data=b"\0" * 256)).tensor("output_norm.weight", [8]).tensor("output_norm.weight", [8],
+                                                                                        offset=32)
+    _refused(_write(tmp_path, "dup.gguf", g), "duplicate tensor name", "output_norm.weight")
+
+
+def test_string_length_of_2_to_the_63(tmp_path: Path) -> None:
+    raw = bytearray(llama_header(Gguf()).bytes())
+    # replace the architecture value's length (right after its key and type) by 2^63
+    key = gguf_string("general.architecture") + struct.pack("<I", STRING)
+    at = raw.index(key) + len(key)
+    raw[at:at + 8] = struct.pack("<Q", 1 << 63)
+    p = tmp_path / "string.gguf"
+    p.write_bytes(bytes(raw))
+    _refused(p, "string length")
+
+
+def test_counts_larger_than_the_file(tmp_path: Path) -> None:
+    g = llama_header(Gguf(n_kv=1 << 40, n_tensors=1 << 40))
+    _refused(_write(tmp_path, "counts.gguf", g), "not a valid GGUF")
+
+
+def _vocab(model: str, tokens: list, merges: "list | None") -> Gguf:
+    g = llama_header(Gguf()).add("tokenizer.ggml.model", STRING, model)
+    g.add("tokenizer.ggml.tokens", ARRAY, tokens, STRING)
+    if model == "llama":
+        g.add("tokenizer.ggml.scores", ARRAY, [0.0] * len(tokens), 6)
+    g.add("tokenizer.ggml.token_type", ARRAY, [1] * len(tokens), I32)
+    if merges is not None:
+        g.add("tokenizer.ggml.merges", ARRAY, merges, STRING)
+    return g
+
+
+def test_vocabulary_with_no_tokens(tmp_path: Path) -> None:
+    _refused(_write(tmp_path, "empty-vocab.gguf", _vocab("llama", [], None)), "tokenizer.ggml.tokens has 0",
+             vocab_only=True)
+
+
+def test_bpe_vocabulary_without_merges(tmp_path: Path) -> None:
+    _refused(_write(tmp_path, "no-merges.gguf", _vocab("gpt2", ["a", "b", "ab"], None)), "merges", vocab_only=True)
+
+
+def test_token_id_keys_outside_the_vocabulary(tmp_path: Path) -> None:
+    g = _vocab("llama", ["<unk>", "<s>", "</s>"], None).add("tokenizer.ggml.bos_token_id", U32, 1 << 31)
+    _refused(_write(tmp_path, "bos.gguf", g), "outside the vocabulary", vocab_only=True)
+
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_png_claiming_100000_by_100000_pixels(tmp_path: Path) -> None:
+    p = tmp_path / "huge.png"
+    p.write_bytes(_png(100000, 100000, zlib.compress(b"\0" * 1000)))
+    got = _load(p, kind="image")
+    assert not got["ok"] and got["type"] == "VtrimImageError", got
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_image(tmp_path: Path, fmt: str) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = (np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt)
+    p = tmp_path / f"truncated.{fmt.lower()}"
+    p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    got = _load(p, kind="image")
+    assert not got["ok"] and got["type"] == "VtrimImageError", got
