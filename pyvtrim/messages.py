@@ -191,11 +191,11 @@ def conversation(arch: str, messages: Any) -> Tuple[str, bool, List[Any]]:
 
 
 def policy_from_dict(spec: Dict[str, Any]) -> Any:
-    """A reduction policy from {"method": "fastv", "k": 2, "ratio": 0.5} (or "trim", with TrimCrossAttn's
-    keyword arguments)."""
-    from .reduce import FastV, TrimCrossAttn
+    """A reduction policy from {"method": "fastv", "k": 2, "ratio": 0.5}: the method's name as
+    ``last_stats["stages"]`` reports it, with its policy class's keyword arguments."""
+    from .reduce import FastV, FiCoCoL, FiCoCoV, TrimCrossAttn, VLCache
 
-    methods = {"fastv": FastV, "trim": TrimCrossAttn}
+    methods = {"fastv": FastV, "trim": TrimCrossAttn, "ficoco_v": FiCoCoV, "ficoco_l": FiCoCoL, "vlcache": VLCache}
     if not isinstance(spec, dict) or spec.get("method") not in methods:
         raise VtrimValueError(f"a reduction must be an object with method one of {sorted(methods)}, got {spec!r}")
     args = {k: v for k, v in spec.items() if k != "method"}
