@@ -170,9 +170,12 @@ def _print_stream(pieces: Iterable[str], out: TextIO, t_start: float) -> Optiona
 # ---- commands -----------------------------------------------------------------------------------
 
 def reduce_of(args: argparse.Namespace) -> List[Any]:
-    """The reduction policies the chat flags ask for, in the order they apply."""
+    """The reduction policies the flags ask for, in the order they apply (a command without a flag: none)."""
     from .reduce import FastV, FiCoCoL, FiCoCoV, TrimCrossAttn, VLCache
 
+    for flag in ("ficoco_v", "fastv", "trim", "ficoco_l", "vlcache"):
+        if not hasattr(args, flag):
+            setattr(args, flag, None)
     policies: List[Any] = []
     if args.ficoco_v is not None:
         tokens, layer = args.ficoco_v

@@ -77,6 +77,21 @@ class TrimCrossAttn:
         return lib.vtrim_reduce_add_trim, p
 
 
+def _ficoco_to_c(policy: Any, method: str, weight: str, ffi: Any, lib: Any) -> Any:
+    """FiCoCo-V's and FiCoCo-L's params (they differ in the name of the redundancy weight)."""
+    for name in ("tokens", "start_layer"):
+        v = getattr(policy, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{type(policy).__name__} {name}={v!r}: must be an int")
+    p = ffi.new(f"struct vtrim_{method}_params *")
+    getattr(lib, f"vtrim_{method}_default")(p)
+    p.tokens = policy.tokens
+    p.start_layer = policy.start_layer
+    setattr(p, weight, float(getattr(policy, weight)))
+    p.eps = float(policy.eps)
+    return getattr(lib, f"vtrim_reduce_add_{method}"), p
+
+
 @dataclass(frozen=True)
 class FiCoCoV:
     """FiCoCo-V (arXiv 2411.17686) for LLaVA: merge patch tokens inside the CLIP vision tower.
@@ -94,17 +109,7 @@ class FiCoCoV:
     eps: float = 0.998
 
     def to_c(self, ffi: Any, lib: Any) -> Any:
-        for name in ("tokens", "start_layer"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"FiCoCoV {name}={v!r}: must be an int")
-        p = ffi.new("struct vtrim_ficoco_v_params *")
-        lib.vtrim_ficoco_v_default(p)
-        p.tokens = self.tokens
-        p.start_layer = self.start_layer
-        p.lam = float(self.lam)
-        p.eps = float(self.eps)
-        return lib.vtrim_reduce_add_ficoco_v, p
+        return _ficoco_to_c(self, "ficoco_v", "lam", ffi, lib)
 
 
 @dataclass(frozen=True)
@@ -125,17 +130,7 @@ class FiCoCoL:
     eps: float = 0.998
 
     def to_c(self, ffi: Any, lib: Any) -> Any:
-        for name in ("tokens", "start_layer"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"FiCoCoL {name}={v!r}: must be an int")
-        p = ffi.new("struct vtrim_ficoco_l_params *")
-        lib.vtrim_ficoco_l_default(p)
-        p.tokens = self.tokens
-        p.start_layer = self.start_layer
-        p.beta = float(self.beta)
-        p.eps = float(self.eps)
-        return lib.vtrim_reduce_add_ficoco_l, p
+        return _ficoco_to_c(self, "ficoco_l", "beta", ffi, lib)
 
 
 @dataclass(frozen=True)
