@@ -12,7 +12,7 @@ one after the other in one run, same image, prompt and threads. Writes JSON and 
     python tools/bench.py --ficoco               # FiCoCo-V at 192/128/64, + FastV, and its merge overhead
 
 A configuration is a spec: "none", or policies joined by "+": "fastv:K:R", "ficoco_v:N[:START]",
-"ficoco_l:N[:START]" (once pyvtrim has FiCoCoL).
+"ficoco_l:N[:START]".
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def run_one(path: str, reduce_spec: str, threads: int, n_decode: int, reps: int)
     return best
 
 
-FICOCO_L = ""          # ",ficoco_l:64" once pyvtrim has FiCoCoL
+FICOCO_L = ",ficoco_l:64"
 OVERHEAD = ",ficoco_v:576,ficoco_v:565"   # all steps, no drop; one patch a step (11 steps): the merge overhead
 
 
