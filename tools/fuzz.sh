@@ -39,6 +39,10 @@ c = pathlib.Path(os.environ.get("VTRIM_CACHE_DIR") or pathlib.Path.home() / ".ca
 print(os.environ.get("VTRIM_GGML_SOURCE") or c / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp")
 PY
 )"
+# a build folder configured from another checkout would build that checkout's sources
+if [ -f "$build/CMakeCache.txt" ] && ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$(pwd -P)" "$build/CMakeCache.txt"; then
+    rm -rf "$build"
+fi
 if [ ! -f "$build/build.ninja" ]; then
     CC="$cc" CXX="$cxx" cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVTRIM_FUZZ=ON \
         -DVTRIM_BUILD_CLI=OFF -DVTRIM_BUILD_TESTS=OFF -DVTRIM_GGML_SOURCE="$ggml_src" >/dev/null

@@ -16,6 +16,10 @@ python="${PYTHON:-python3}"
 cc="${CC:-cc}"
 
 ggml_src="$("$python" -c 'import os, pathlib; c = pathlib.Path(os.environ.get("VTRIM_CACHE_DIR") or pathlib.Path.home() / ".cache" / "pyvtrim"); print(os.environ.get("VTRIM_GGML_SOURCE") or c / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp")')"
+# a build folder configured from another checkout would build that checkout's sources
+if [ -f "$build/CMakeCache.txt" ] && ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$(pwd -P)" "$build/CMakeCache.txt"; then
+    rm -rf "$build"
+fi
 if [ ! -f "$build/build.ninja" ]; then
     CC="$cc" cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVTRIM_SANITIZE=address,undefined \
         -DVTRIM_GGML_SOURCE="$ggml_src" >/dev/null
