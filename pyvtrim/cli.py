@@ -129,7 +129,9 @@ def format_stats(stats: Dict[str, Any], t_first_ms: Optional[float] = None) -> s
     if t_first_ms is not None:
         parts.append(f"first token {t_first_ms:.0f} ms")
     for st in stats.get("stages", []):
-        parts.append(f"{st['method']} at layer {st['layer']}: {st['n_kept']}/{st['n_in']} image tokens kept")
+        # an after-prefill stage counts cached positions (per KV head), the others image tokens
+        what = "cached rows per KV head" if st["hook"] == "after_prefill" else "image tokens"
+        parts.append(f"{st['method']} at layer {st['layer']}: {st['n_kept']}/{st['n_in']} {what} kept")
     parts += [
         f"decode {stats['n_decoded']} tok in {stats['t_decode_ms']:.0f} ms "
         f"({_rate(stats['n_decoded'], stats['t_decode_ms'])})",

@@ -44,18 +44,7 @@ static int32_t fastv_query_rows(const void * params, const bool * is_image, int3
         q_rows[0] = n - 1;
         return 1;
     }
-    int32_t last_image = -1;
-    for (int32_t i = 0; i < n; i++) {
-        last_image = is_image[i] ? i : last_image;
-    }
-    int32_t n_q = 0;
-    for (int32_t i = last_image + 1; i < n; i++) {
-        q_rows[n_q++] = i;
-    }
-    if (n_q == 0) {           // the prompt ends with an image: only its last row can look at it
-        q_rows[n_q++] = n - 1;
-    }
-    return n_q;
+    return vtrim_rows_after_last_image(is_image, n, q_rows);
 }
 
 // The top int((1 - ratio) * n_image) image rows by score (ties: lower row first), every text row, and the

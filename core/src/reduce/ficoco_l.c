@@ -115,18 +115,11 @@ static int32_t ficoco_l_apply(const void * params, const struct vtrim_reduce_inp
         free(keep); free(buf); free(score);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
     }
-    int32_t last_image = -1;
     for (int32_t i = 0; i < n; i++) {
         keep[i] = true;
-        last_image = in->is_image[i] ? i : last_image;
     }
-    int32_t * t_rows = buf + n, n_t = 0;
-    for (int32_t i = last_image + 1; i < n; i++) {
-        t_rows[n_t++] = i;
-    }
-    if (n_t == 0) {
-        t_rows[n_t++] = n - 1;
-    }
+    int32_t * t_rows = buf + n;
+    const int32_t n_t = vtrim_rows_after_last_image(in->is_image, n, t_rows);
     out->n_merge = 0;
     int32_t rc = 0;
     const int32_t n_groups = in->n_groups > 0 ? in->n_groups : 1;

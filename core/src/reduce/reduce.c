@@ -29,6 +29,21 @@ int32_t vtrim_mask_to_rows(const bool * keep, int32_t n, int32_t * out) {
     return k;
 }
 
+int32_t vtrim_rows_after_last_image(const bool * is_image, int32_t n, int32_t * out) {
+    int32_t last_image = -1;
+    for (int32_t i = 0; i < n; i++) {
+        last_image = is_image[i] ? i : last_image;
+    }
+    int32_t k = 0;
+    for (int32_t i = last_image + 1; i < n; i++) {
+        out[k++] = i;
+    }
+    if (k == 0 && n > 0) {   // only the last row can look at an image that ends the prompt
+        out[k++] = n - 1;
+    }
+    return k;
+}
+
 int32_t vtrim_policy_list_add(struct vtrim_policy_list * l, const struct vtrim_reducer * r, const void * params,
                               const struct vtrim_reduce_caps * caps) {
     int32_t rc = r->validate(params, caps);

@@ -153,3 +153,6 @@ struct vtrim_ranked {
 void vtrim_rank_sort(struct vtrim_ranked * r, int32_t n);
 // out: the rows of the kept mask in ascending order; returns their count.
 int32_t vtrim_mask_to_rows(const bool * keep, int32_t n, int32_t * out);
+// The rows after the last image row (the text that follows every image), or the last row when the prompt
+// ends with an image; out has capacity n; returns the count (>= 1 for n >= 1).
+int32_t vtrim_rows_after_last_image(const bool * is_image, int32_t n, int32_t * out);

@@ -44,18 +44,7 @@ static int32_t vlcache_layer(const void * params, const struct vtrim_reduce_caps
 // The rows after the last image row, or the last row when the prompt ends with an image.
 static int32_t vlcache_query_rows(const void * params, const bool * is_image, int32_t n, int32_t * q_rows) {
     (void) params;
-    int32_t last_image = -1;
-    for (int32_t i = 0; i < n; i++) {
-        last_image = is_image[i] ? i : last_image;
-    }
-    int32_t n_q = 0;
-    for (int32_t i = last_image + 1; i < n; i++) {
-        q_rows[n_q++] = i;
-    }
-    if (n_q == 0) {
-        q_rows[n_q++] = n - 1;
-    }
-    return n_q;
+    return vtrim_rows_after_last_image(is_image, n, q_rows);
 }
 
 // density = 1 - mean over query heads of the share of valid entries below threshold * row max;
