@@ -14,6 +14,15 @@ if(NOT VTRIM_CUBLAS_ROOT AND DEFINED ENV{VTRIM_CUBLAS_ROOT})
     set(VTRIM_CUBLAS_ROOT "$ENV{VTRIM_CUBLAS_ROOT}")
 endif()
 
+if(NOT VTRIM_CUBLAS_ROOT AND CUDA_cublas_LIBRARY)
+    # a reconfigure of a build folder whose cuBLAS came from the wheel: its headers are needed again
+    get_filename_component(_dir "${CUDA_cublas_LIBRARY}" DIRECTORY)
+    get_filename_component(_dir "${_dir}" DIRECTORY)
+    if(EXISTS "${_dir}/include/cublas_v2.h" AND NOT EXISTS "${CUDAToolkit_INCLUDE_DIRS}/cublas_v2.h")
+        set(VTRIM_CUBLAS_ROOT "${_dir}")
+    endif()
+endif()
+
 if(NOT CUDA_cublas_LIBRARY AND NOT VTRIM_CUBLAS_ROOT)
     if(NOT CMAKE_SYSTEM_NAME STREQUAL "Linux" OR NOT CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64")
         message(FATAL_ERROR "pyvtrim: the CUDA toolkit has no cuBLAS; install it, or set VTRIM_CUBLAS_ROOT to a "

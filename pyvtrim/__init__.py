@@ -29,6 +29,7 @@ from .errors import (
 )
 from .chat import Chat
 from .model import Model
+from .quantize import quantize
 from .reduce import FastV, FiCoCoL, FiCoCoV, TrimCrossAttn, VLCache
 from .session import Session
 
@@ -58,6 +59,7 @@ __all__ = [
     "VtrimUnsupportedError",
     "VtrimValueError",
     "backends",
+    "quantize",
     "data_path",
     "version",
 ]

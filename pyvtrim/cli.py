@@ -57,6 +57,19 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="where the weights and the compute go (auto: a GPU when the build has one)")
     p.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="element type of the KV cache")
+    p.add_argument("--no-mmap", dest="use_mmap", action="store_false",
+                   help="read the weights into memory instead of mapping the file")
+    p.add_argument("--rpc", metavar="HOST:PORT,...", type=_rpc_list, default=None,
+                   help="rpc-server hosts (`pyvtrim rpc-server` there) that take equal shares of the decoder layers")
+
+
+def _rpc_list(text: str) -> List[str]:
+    servers = [e.strip() for e in text.split(",")]
+    for e in servers:
+        host, _, port = e.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise argparse.ArgumentTypeError(f"expected HOST:PORT[,HOST:PORT...], got {text!r}")
+    return servers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("convert", help="convert a Hugging Face checkpoint to GGUF", add_help=False)
 
+    quant = sub.add_parser("quantize", help="quantize a GGUF's weight matrices (ggml's quantizers)")
+    quant.add_argument("src", help="GGUF with f32/f16/bf16 weights (a model, a text file or an mmproj)")
+    quant.add_argument("dst")
+    quant.add_argument("type", choices=["q8_0", "q6_K", "q5_K_M", "q4_K_M", "q4_0"],
+                       help="the text tower's type (llama.cpp's per-tensor rules for it)")
+    quant.add_argument("--vision-type", default="q8_0",
+                       choices=["q8_0", "f16", "same", "q6_K", "q5_K_M", "q4_K_M", "q4_0"],
+                       help="the vision tower and projector (same: the text's base type)")
+    quant.add_argument("--threads", type=_int_at_least(1), default=None)
+
     info = sub.add_parser("info", help="print what a GGUF model is (shapes, vocabulary, weight types)")
     info.add_argument("model")
     info.add_argument("--mmproj")
@@ -109,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (pip install \"pyvtrim[server]\")")
     add_serve_args(serve)
     _add_runtime_args(serve)
+
+    sub.add_parser("rpc-server", add_help=False,
+                   help="ggml's rpc-server: lend this host's CPU (or GPU) to a model loaded with --rpc elsewhere")
     return parser
 
 
@@ -209,7 +235,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, reduce=reduce_of(args) or None)
     with Model(args.model, mmproj=args.mmproj, n_ctx=args.n_ctx, n_threads=args.threads,
-               device=args.device, kv_type=args.kv_type) as m:
+               device=args.device, kv_type=args.kv_type, rpc=args.rpc, use_mmap=args.use_mmap) as m:
         if args.prompt is not None:
             t0 = time.perf_counter()
             t_first = _print_stream(m.chat(args.image, args.prompt, stream=True, **sampling), sys.stdout, t0)
@@ -382,6 +408,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize
+
+    t0 = time.perf_counter()
+    r = quantize(args.src, args.dst, args.type, vision_type=args.vision_type, n_threads=args.threads)
+    print(f"{args.dst}: {r['n_tensors']} tensors, {r['n_quantized']} quantized, {r['n_fallback']} with a "
+          f"fallback type; {r['bytes_in'] / 2**20:.1f} MiB -> {r['bytes_out'] / 2**20:.1f} MiB in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
 def cmd_convert(argv: List[str]) -> int:
     from .conversion import main as convert_main  # type: ignore[attr-defined]
 
@@ -397,6 +434,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             reconfigure(errors="replace")  # a reply is printed even on a terminal that lacks its characters
     if argv and argv[0] == "convert":  # its options belong to the converter
         return cmd_convert(argv[1:])
+    if argv and argv[0] == "rpc-server":  # ggml's program, with its own options (-H host -p port -t threads)
+        from .native_cli import run
+
+        return run("vtrim-rpc-server", argv[1:])
 
     args = build_parser().parse_args(argv)
     from .errors import VtrimError
@@ -406,7 +447,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .server.cli import cmd_serve
 
             return cmd_serve(args)
-        return {"chat": cmd_chat, "demo": cmd_demo, "info": cmd_info}[args.command](args)
+        return {"chat": cmd_chat, "demo": cmd_demo, "info": cmd_info, "quantize": cmd_quantize}[args.command](args)
     except BrokenPipeError:
         return _reader_gone()
     except (VtrimError, OSError) as e:

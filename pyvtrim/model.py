@@ -64,6 +64,11 @@ class Model:
     n_ctx: tokens the KV cache holds (image tokens count; 0: the model's trained context).
     n_threads: CPU threads (None: os.cpu_count()). device: "auto" | "cpu" | "gpu".
     kv_type: "f16" | "f32" (the KV cache's element type).
+    n_batch: prompt rows per prefill graph (a longer prompt runs in chunks; 0: the library's default, 512).
+    use_mmap: map the weight file (on the CPU the weights are its pages, shared by every process that maps
+        it); False: read it into the heap.
+    rpc: ggml rpc-server endpoints ("host:port", or a list): the decoder layers are split in equal shares
+        over them and this machine, which keeps the last share (`pyvtrim rpc-server` starts one).
     vocab_only: load only the tokenizer (no context; tokenize/detokenize only).
 
     forward(), generate(), chat() and Chat take `reduce=`: None, a visual-token reduction policy
@@ -81,6 +86,9 @@ class Model:
         device: str = "auto",
         kv_type: str = "f16",
         vocab_only: bool = False,
+        n_batch: int = 0,
+        rpc: "str | Sequence[str] | None" = None,
+        use_mmap: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         self.mmproj = None if mmproj is None else os.fspath(mmproj)
@@ -97,6 +105,13 @@ class Model:
             raise VtrimValueError(f"n_threads must be >= 1 (None: all cores), got {n_threads}")
         self.n_threads = int(n_threads) if n_threads is not None else (os.cpu_count() or 1)
         self.n_ctx = int(n_ctx)
+        if int(n_batch) < 0:
+            raise VtrimValueError(f"n_batch must be >= 1 (0: the library's default), got {n_batch}")
+        self.n_batch = int(n_batch)
+        servers = [rpc] if isinstance(rpc, str) else list(rpc or [])
+        if not all(isinstance(e, str) and e.strip() and "," not in e for e in servers):
+            raise VtrimValueError(f"rpc must be 'host:port' or a list of them, got {rpc!r}")
+        self.rpc = [e.strip() for e in servers]
         self.kv_type = kv_type
         self.vocab_only = bool(vocab_only)
         self._lock = threading.RLock()   # the model's own calls (tokenizer, images); sessions have theirs
@@ -113,6 +128,13 @@ class Model:
             lib.vtrim_model_params_default(mp)
             fields = dict(ffi.typeof(mp).item.fields)
             mp.device = DEVICES[device]
+            rpc_c = ffi.new("char[]", ",".join(self.rpc).encode()) if self.rpc else ffi.NULL
+            if self.rpc:
+                if "rpc_servers" not in fields:
+                    raise VtrimUnsupportedError("this libvtrim predates RPC servers (no rpc_servers)")
+                mp.rpc_servers = rpc_c   # rpc_c outlives the load call below
+            if "use_mmap" in fields:
+                mp.use_mmap = bool(use_mmap)
             if "n_threads" in fields:
                 mp.n_threads = self.n_threads
             if self.vocab_only:
@@ -151,14 +173,14 @@ class Model:
             self._finalizer()
 
     def session(self, *, n_ctx: Optional[int] = None, kv_type: Optional[str] = None,
-                n_threads: Optional[int] = None) -> "Session":
+                n_threads: Optional[int] = None, n_batch: Optional[int] = None) -> "Session":
         """A new sequence (its own KV cache and lock) on these weights; None: the Model's n_ctx, kv_type,
-        n_threads."""
+        n_threads, n_batch."""
         from .session import Session
 
         if self.vocab_only:
             raise VtrimStateError("this Model was loaded with vocab_only=True and has no context")
-        return Session(self, n_ctx=n_ctx, kv_type=kv_type, n_threads=n_threads)
+        return Session(self, n_ctx=n_ctx, kv_type=kv_type, n_threads=n_threads, n_batch=n_batch)
 
     @property
     def closed(self) -> bool:

@@ -72,7 +72,7 @@ class Session:
     """A sequence (KV cache) on a Model: made by Model.session(n_ctx=..., kv_type=...)."""
 
     def __init__(self, model: "Model", *, n_ctx: Optional[int] = None, kv_type: Optional[str] = None,
-                 n_threads: Optional[int] = None) -> None:
+                 n_threads: Optional[int] = None, n_batch: Optional[int] = None) -> None:
         kv_type = model.kv_type if kv_type is None else kv_type
         if kv_type not in KV_TYPES:
             raise VtrimValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
@@ -81,6 +81,9 @@ class Session:
             raise VtrimValueError(f"n_ctx must be >= 0 (0: the model's trained context), got {n_ctx}")
         if n_threads is not None and int(n_threads) < 1:
             raise VtrimValueError(f"n_threads must be >= 1 (None: the Model's), got {n_threads}")
+        n_batch = model.n_batch if n_batch is None else int(n_batch)
+        if n_batch < 0:
+            raise VtrimValueError(f"n_batch must be >= 1 (0: the library's default), got {n_batch}")
         self.model = model
         self._ffi, self._lib = model._ffi, model._lib
         ffi, lib = self._ffi, self._lib
@@ -97,6 +100,9 @@ class Session:
         lib.vtrim_context_params_default(cp)
         cp.n_ctx = self.n_ctx
         cp.n_threads = self.n_threads
+        if n_batch > 0:
+            cp.n_batch = n_batch
+        self.n_batch = int(cp.n_batch)
         cp.kv_type = KV_TYPES[kv_type]
         out = ffi.new("struct vtrim_context **")
         check(lib.vtrim_context_init(model._model(), cp, out))

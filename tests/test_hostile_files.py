@@ -8,6 +8,7 @@ cannot start under it)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -139,7 +140,7 @@ def test_png_claiming_100000_by_100000_pixels(tmp_path: Path) -> None:
     assert not got["ok"] and got["type"] == "VtrimImageError", got
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TGA"])
 def test_truncated_image(tmp_path: Path, fmt: str) -> None:
     import io
 
@@ -153,3 +154,38 @@ def test_truncated_image(tmp_path: Path, fmt: str) -> None:
     p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
     got = _load(p, kind="image")
     assert not got["ok"] and got["type"] == "VtrimImageError", got
+
+
+@pytest.mark.parametrize("name", ["tga-24-bytes-claiming-16mp", "tga-rle-489-bytes-claiming-67mp"])
+def test_tga_claiming_more_pixels_than_its_bytes_hold(name: str) -> None:
+    """stb reads past the end of a TGA as zeros: these two (found by fuzz_image) decoded 16 and 67 MP black
+    images from a few hundred bytes, taking seconds. The library refuses them from the header, before
+    decoding (an RLE packet holds at most 128 pixels)."""
+    from pyvtrim import _ffi
+
+    ffi, lib = _ffi.get()[:2]
+    data = (Path(__file__).parent / "fuzz" / "corpus" / "image" / name).read_bytes()
+    out = ffi.new("struct vtrim_image **")
+    rc = lib.vtrim_image_from_memory(ffi.from_buffer("uint8_t[]", data), len(data), out)
+    assert rc == lib.VTRIM_ERR_IMAGE and out[0] == ffi.NULL
+    assert "truncated TGA" in ffi.string(lib.vtrim_last_error()).decode()
+
+
+def test_rle_tga_that_holds_its_pixels_decodes(tmp_path: Path) -> None:
+    """The bound is not tighter than the format: Pillow's RLE TGA of a flat image (the best compression there
+    is) loads, with its pixels."""
+    from PIL import Image
+
+    from pyvtrim import _ffi
+
+    p = tmp_path / "flat.tga"
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(p, compression="tga_rle")
+    ffi, lib = _ffi.get()[:2]
+    out = ffi.new("struct vtrim_image **")
+    assert lib.vtrim_image_from_file(os.fsencode(p), out) == 0   # the library itself, not Pillow's fallback
+    w, h = ffi.new("int32_t *"), ffi.new("int32_t *")
+    try:
+        assert lib.vtrim_image_size(out[0], w, h) == 0 and (w[0], h[0]) == (300, 200)
+    finally:
+        lib.vtrim_image_free(out[0])
+    assert p.stat().st_size < 300 * 200 * 3 // 50   # compressed 50x and more: the RLE bound is what it passed

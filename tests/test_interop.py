@@ -23,6 +23,8 @@ import pytest
 import pyvtrim
 from pyvtrim import _ffi
 
+from peer_env import peer_python
+
 try:
     _ffi.get()
 except pyvtrim.VtrimLibraryError as e:  # the C library is not built: nothing here can run
@@ -213,16 +215,6 @@ def test_virtual_image_token(llava_tiny, no_image_token_pair) -> None:
 
 # ---- a real llama.cpp loads our pair -----------------------------------------------------------------
 
-def _peer_python():
-    """The peer environment of tools/bench_peers.py, if it has been built."""
-    env = os.environ.get("VTRIM_PEER_PYTHON")
-    if env:
-        return env
-    cache = Path(os.environ.get("VTRIM_CACHE_DIR") or Path.home() / ".cache" / "pyvtrim")
-    py = cache / "peers" / "venv" / "bin" / "python"
-    return str(py) if py.is_file() else None
-
-
 _LLAMA_CPP_PROBE = r"""
 import json, sys
 import numpy as np
@@ -244,7 +236,7 @@ print(json.dumps({"logits": logits.tolist(), "n_vocab": llm.n_vocab(),
 
 
 def test_llama_cpp_loads_our_pair(llava_tiny, tmp_path: Path) -> None:
-    py = _peer_python()
+    py = peer_python()
     if py is None:
         pytest.skip("no llama-cpp-python peer environment (tools/bench_peers.py --setup builds it)")
     probe = subprocess.run([py, "-c", "import llama_cpp"], capture_output=True)

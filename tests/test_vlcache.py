@@ -248,3 +248,22 @@ def test_mllama_refuses_with_the_reason(mllama_tiny):
         ids = m.tokenize(m.chat_prompt("What is this?"))
         with pytest.raises(ValueError, match="cross-attention"):
             m.forward(ids, [_image(2, 40, 40)], reduce=pyvtrim.VLCache())
+
+
+def test_long_second_turn_in_chunks(tiny_llava_factory, setup):
+    """A turn after the compaction longer than n_batch runs in chunks; the chunks before the last want no
+    output of the last layer, only its K and V, so that layer's mask (its own, since the heads' rows differ
+    per layer) is read by no node. Found by fuzz_prefill."""
+    _, proc, ref = setup
+    fx = tiny_llava_factory(n_layers=N_LAYER, n_kv_heads=2, image_size=48, patch_size=6, seed=5)
+    images = [_image(19, 40, 60)]
+    with pyvtrim.Model(str(fx.gguf), n_ctx=1024, n_batch=16, kv_type="f32", n_threads=2) as m:
+        ids, hf_ids, pv = _inputs(m, proc, ONE_IMAGE, images)
+        m.forward(ids, images, reduce=pyvtrim.VLCache(budget=0.2))
+        st, _ = ref.prefill(hf_ids, pv, 0.2)
+        turn2 = m.tokenize(" USER: Now describe the colours, the shapes and where each of them sits in the"
+                           " picture, one by one, from left to right. ASSISTANT:", add_special=False)
+        assert len(turn2) > 2 * 16
+        got = m.prefill(turn2)
+        want = ref.step(st, turn2)
+        assert float(np.max(np.abs(got - want.numpy()))) <= 1e-3

@@ -16,12 +16,13 @@
 #include <string.h>
 
 struct options {
-    const char * model, * mmproj, * image, * prompt;
+    const char * model, * mmproj, * image, * prompt, * rpc;
     long n_predict, n_threads, n_ctx, top_k, ficoco_v, ficoco_v_layer;
     long ficoco_l, ficoco_l_start;   // FiCoCo-L's image tokens per image (0: off) and first layer (-1: 4)
     float temperature, top_p;
     unsigned long long seed;
     float vlcache;          // VL-Cache budget; < 0: off
+    bool no_mmap;
 };
 
 static const char * k_usage =
@@ -48,6 +49,8 @@ static const char * k_usage =
     "                       (default 4), down to N (e.g. 64; LLaVA)\n"
     "      --vlcache B      VL-Cache: after each prefill with the image, keep a mean fraction B of the KV\n"
     "                       cache per layer (e.g. 0.1), chosen per layer and KV head (LLaVA models)\n"
+    "      --rpc H:P,...    ggml rpc-server hosts that take equal shares of the decoder layers\n"
+    "      --no-mmap        read the weights into memory instead of mapping the file\n"
     "  -h, --help           this text\n"
     "      --version        the library's version and backends\n"
     "\n"
@@ -128,6 +131,10 @@ static int parse(int argc, char ** argv, struct options * o) {
             printf("vtrim-cli %s (%s)\n", vtrim_version(), vtrim_backends());
             return 1;
         }
+        if (!strcmp(a, "--no-mmap")) {
+            o->no_mmap = true;
+            continue;
+        }
         const char * v = i + 1 < argc ? argv[i + 1] : NULL;
         int rc = 0;
         if (!v) {
@@ -137,6 +144,7 @@ static int parse(int argc, char ** argv, struct options * o) {
         if      (!strcmp(a, "-m") || !strcmp(a, "--model")) o->model = v;
         else if (!strcmp(a, "--mmproj")) o->mmproj = v;
         else if (!strcmp(a, "--image")) o->image = v;
+        else if (!strcmp(a, "--rpc")) o->rpc = v;   // the library checks each host:port and says which is wrong
         else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) o->prompt = v;
         else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) rc = parse_long(argv0, a, v, 0, INT_MAX, &o->n_predict);
         else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) rc = parse_long(argv0, a, v, 1, 1024, &o->n_threads);
@@ -361,6 +369,8 @@ int main(int argc, char ** argv) {
     }
     struct vtrim_model_params mp;
     vtrim_model_params_default(&mp);
+    mp.rpc_servers = o.rpc;
+    mp.use_mmap = !o.no_mmap;
     struct vtrim_model * model = NULL;
     if (vtrim_model_load(o.model, o.mmproj, &mp, &model) != 0) {
         return fail("load");

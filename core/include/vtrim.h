@@ -93,6 +93,15 @@ struct vtrim_model_params {
     int32_t device;         /* enum vtrim_device                                   */
     int32_t n_threads;      /* reserved for parallel loading; <= 0: all cores                */
     bool    vocab_only;     /* load the tokenizer only (a vocabulary GGUF needs no tensors)  */
+    /* ggml rpc-server endpoints, "host:port,host:port" (NULL or "": none). The decoder layers are split in
+       equal shares over every server device and the local device, which keeps the last share, the
+       embeddings, the output layer and the vision tower; each layer's KV cache lives with its weights.
+       VTRIM_ERR_IO when a server cannot be reached; VTRIM_ERR_UNSUPPORTED in a build without VTRIM_RPC. */
+    const char * rpc_servers;
+    /* map the weight files (default true): on the CPU the weights are then the file's pages, shared with
+       every process that maps it, read as they are touched; false: read into the heap (huge pages). A GPU
+       always gets a copy. */
+    bool    use_mmap;
 };
 
 struct vtrim_context_params {
@@ -120,6 +129,9 @@ struct vtrim_model_info {
     int32_t eos_token_id;
     int64_t n_params;            /* weights, all towers                            */
     int64_t n_bytes;             /* bytes of weights                               */
+    int32_t n_rpc_devices;       /* devices on RPC servers (vtrim_model_params.rpc_servers) */
+    int64_t n_bytes_rpc;         /* of n_bytes, what those devices hold            */
+    int64_t n_bytes_mapped;      /* of n_bytes, what is the weight files' mapped pages (use_mmap) */
 };
 
 /* Sampling: temperature 0 is greedy (argmax, ties to the lower id). Otherwise top_k (0: off),
@@ -235,6 +247,9 @@ struct vtrim_stats {
     int32_t n_stages;            /* reduction stages that ran; see vtrim_get_reduce_stage */
     double  prefill_flops;       /* decoder FLOPs of the last prefill (estimate) */
     double  prefill_flops_full;  /* the same without any reduction */
+    int64_t host_bytes_in;       /* bytes the host gave the backends in the last prefill (ids, embeddings,
+                                    masks, the indices a reduction chose)                             */
+    int64_t host_bytes_out;      /* bytes it read back (logits, hidden states and scores for reductions) */
 };
 
 /* ---- errors ---------------------------------------------------------------------------------- */
@@ -367,6 +382,41 @@ VTRIM_API void    vtrim_sampler_params_default(struct vtrim_sampler_params * p);
 VTRIM_API int32_t vtrim_sampler_init(const struct vtrim_sampler_params * p, struct vtrim_sampler ** out);
 VTRIM_API void    vtrim_sampler_free(struct vtrim_sampler * s);
 VTRIM_API int32_t vtrim_sampler_sample(struct vtrim_sampler * s, const struct vtrim_context * ctx, int32_t * token);
+
+/* ---- quantization ---------------------------------------------------------------------------- */
+
+/* vtrim_quantize's types, llama.cpp's names: the text tower's matrices follow llama.cpp's per-tensor rules
+ * for that file type (the _M types keep attn_v and ffn_down of some layers, and output, in Q6_K). */
+enum vtrim_quant_type {
+    VTRIM_QUANT_SAME   = -1,  /* vision_type only: the text tower's base type */
+    VTRIM_QUANT_Q8_0   = 0,
+    VTRIM_QUANT_Q6_K   = 1,
+    VTRIM_QUANT_Q5_K_M = 2,
+    VTRIM_QUANT_Q4_K_M = 3,
+    VTRIM_QUANT_Q4_0   = 4,
+    VTRIM_QUANT_F16    = 5,   /* vision_type only */
+};
+
+struct vtrim_quantize_params {
+    int32_t type;          /* enum vtrim_quant_type for the text tower (default Q4_K_M)              */
+    int32_t vision_type;   /* the vision tower and projector: Q8_0 (default), F16, SAME, or a type    */
+    int32_t n_threads;     /* <= 0: all cores                                                         */
+};
+
+struct vtrim_quantize_report {
+    int32_t n_tensors;     /* tensors written                                                         */
+    int32_t n_quantized;   /* of those, re-encoded (the rest copied: norms, biases, embeddings)       */
+    int32_t n_fallback;    /* matrices whose rows do not divide the type's block: a smaller block type */
+    int64_t bytes_in, bytes_out;
+};
+
+VTRIM_API void    vtrim_quantize_params_default(struct vtrim_quantize_params * p);
+/* Writes `out`: `in` (a GGUF of f32/f16/bf16 weights, a single-file model, a text file or an mmproj) with
+ * its weight matrices quantized and every metadata key copied (general.file_type set). A file that holds
+ * quantized tensors is refused (VTRIM_ERR_UNSUPPORTED): quantize from the f16/f32 file. On failure no
+ * `out` file is left. report may be NULL. */
+VTRIM_API int32_t vtrim_quantize(const char * in, const char * out, const struct vtrim_quantize_params * p,
+                                 struct vtrim_quantize_report * report);
 
 /* cffi-end */
 

@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # the cores shared out among the sessions, which compute at the same time
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     model: Any = Model(args.model, mmproj=args.mmproj, n_ctx=args.n_ctx, n_threads=threads, device=args.device,
-                       kv_type=args.kv_type)
+                       kv_type=args.kv_type, rpc=args.rpc, use_mmap=args.use_mmap)
     try:
         pool = SessionPool(model, args.parallel, n_ctx=args.n_ctx, kv_type=args.kv_type, n_threads=threads,
                            queue=args.queue)

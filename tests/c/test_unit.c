@@ -388,7 +388,7 @@ static void test_kv_cache(void) {
     ggml_backend_t cpu = ggml_backend_cpu_init();
     struct vtrim_kv_cache kv;
     const int hd = 4, nh = 2, n_ctx = 16, n_embd_kv = hd * nh;
-    CHECK(vtrim_kv_cache_init(&kv, 2, n_ctx, hd, nh, GGML_TYPE_F32, ggml_backend_get_default_buffer_type(cpu), NULL) == 0);
+    CHECK(vtrim_kv_cache_init(&kv, 2, n_ctx, hd, nh, GGML_TYPE_F32, ggml_backend_get_default_buffer_type(cpu), NULL, NULL) == 0);
     float * k = malloc(sizeof(float) * n_embd_kv * n_ctx), * v = malloc(sizeof(float) * n_embd_kv * n_ctx);
     for (int r = 0; r < n_ctx; r++) {
         for (int c = 0; c < n_embd_kv; c++) {

@@ -33,6 +33,9 @@ int32_t vtrim_model_get_info(const struct vtrim_model * m, struct vtrim_model_in
     out->eos_token_id = vtrim_vocab_eos(m->vocab);
     out->n_params = m->n_params;
     out->n_bytes = m->n_bytes;
+    out->n_rpc_devices = m->n_rpc;
+    out->n_bytes_rpc = m->n_bytes_rpc;
+    out->n_bytes_mapped = m->n_bytes_mapped;
     return 0;
 }
 

@@ -1,7 +1,8 @@
 // Structural checks that stb_image skips: it ignores PNG checksums and decodes a truncated JPEG or PNG into
 // partly grey pixels, where PIL (and so the HF reference) raises. Walking the container before decoding
 // turns those files into errors, and reads the declared size so that oversized images fail with a clear
-// message before stb allocates anything. Other formats are left to stb.
+// message before stb allocates anything. BMP and TGA get a size check (their pixels must be in the file);
+// other formats are left to stb.
 #include "image/image.h"
 
 #include "api/error.h"
@@ -104,9 +105,64 @@ static int32_t verify_jpeg(const uint8_t * d, size_t n) {
     }
 }
 
+static uint32_t le16(const uint8_t * p) { return (uint32_t)p[0] | ((uint32_t)p[1] << 8); }
+static uint32_t le32(const uint8_t * p) { return le16(p) | (le16(p + 2) << 16); }
+
+// The bytes a declared image needs at least, against the file's: stb reads past the end of a truncated BMP or
+// TGA as zeros, so a few bytes claiming 100 MP would decode (slowly) into a black image; PIL raises.
+static int32_t check_data_size(const char * fmt, uint64_t need, size_t n, uint32_t w, uint32_t h) {
+    if (need > n) {
+        return vtrim_fail(VTRIM_ERR_IMAGE,
+                          "image: truncated %s (%u x %u pixels need at least %llu bytes, the file has %zu)", fmt, w, h,
+                          (unsigned long long)need, n);
+    }
+    return 0;
+}
+
+// Uncompressed BMP (BI_RGB, BI_BITFIELDS; the header of Windows 3 and later): the pixel rows must be there.
+static int32_t verify_bmp(const uint8_t * d, size_t n) {
+    if (n < 34 || le32(d + 14) < 40) return 0;   // OS/2 headers and short files: stb's own checks
+    const uint32_t offset = le32(d + 10), w = le32(d + 18), bpp = le16(d + 28), compression = le32(d + 30);
+    const int32_t h_signed = (int32_t)le32(d + 22);
+    const uint32_t h = h_signed < 0 ? (uint32_t)(-(int64_t)h_signed) : (uint32_t)h_signed;
+    if ((compression != 0 && compression != 3) || bpp == 0 || bpp > 32) return 0;
+    int32_t rc = check_declared_size("BMP", w, h);
+    if (rc) return rc;
+    const uint64_t row = (((uint64_t)w * bpp + 31) / 32) * 4;
+    return check_data_size("BMP", (uint64_t)offset + row * h, n, w, h);
+}
+
+// TGA (stb's last guess: a file no other magic claims). Uncompressed: every pixel's bytes; RLE: a packet holds
+// at most 128 pixels in at least 1 + (bytes per pixel) bytes.
+static int32_t verify_tga(const uint8_t * d, size_t n) {
+    if (n < 18) return 0;
+    const uint32_t cmap_type = d[1], type = d[2], cmap_len = le16(d + 5), cmap_bits = d[7];
+    const uint32_t w = le16(d + 12), h = le16(d + 14), bpp = d[16];
+    const bool rle = type >= 9;
+    const uint32_t base = rle ? type - 8 : type;
+    if (cmap_type > 1 || base < 1 || base > 3 || (cmap_type == 1 && base != 1) || bpp == 0 || bpp > 32) return 0;
+    int32_t rc = check_declared_size("TGA", w, h);
+    if (rc) return rc;
+    const uint64_t px = (uint64_t)w * h, bytes = (bpp + 7) / 8;
+    const uint64_t head = 18 + (uint64_t)d[0] + (cmap_type ? (uint64_t)cmap_len * ((cmap_bits + 7) / 8) : 0);
+    return check_data_size("TGA", head + (rle ? (px + 127) / 128 * (1 + bytes) : px * bytes), n, w, h);
+}
+
+// Whether stb would try the file as TGA: no signature of the formats it tests first.
+static bool other_magic(const uint8_t * d, size_t n) {
+    static const char * const magic[] = { "GIF8", "BM", "8BPS", "\x53\x80\xF6\x34", "#?RADIANCE", "#?RGBE" };
+    for (size_t i = 0; i < sizeof magic / sizeof magic[0]; i++) {
+        const size_t len = strlen(magic[i]);
+        if (n >= len && memcmp(d, magic[i], len) == 0) return true;
+    }
+    return n >= 2 && d[0] == 'P' && d[1] >= '1' && d[1] <= '7';   // PNM
+}
+
 int32_t vtrim_image_verify(const uint8_t * data, size_t size) {
     static const uint8_t png_sig[8] = { 0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n' };
     if (size >= 8 && memcmp(data, png_sig, 8) == 0) return verify_png(data, size);
     if (size >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF) return verify_jpeg(data, size);
+    if (size >= 2 && data[0] == 'B' && data[1] == 'M') return verify_bmp(data, size);
+    if (!other_magic(data, size)) return verify_tga(data, size);
     return 0;
 }

@@ -1,16 +1,56 @@
 #include "kv/kv_cache.h"
 
 #include "api/error.h"
+#include "model/split.h"
 
 #include "ggml-alloc.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+// The layers whose buffer type layer_buft gives as another than buft (on RPC servers), in one buffer per type.
+static int32_t alloc_split_layers(ggml_backend_buffer_t * buf, struct ggml_tensor ** k, struct ggml_tensor ** v,
+                                  int32_t n_layer, ggml_backend_buffer_type_t buft,
+                                  const ggml_backend_buffer_type_t * layer_buft, const char * name) {
+    struct ggml_tensor ** list = malloc(sizeof *list * (size_t) (2 * n_layer));
+    if (!list) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory creating the %s tensors", name);
+    }
+    int32_t rc = 0, n_buf = 1;
+    for (int32_t il = 0; il < n_layer && rc == 0; il++) {
+        const ggml_backend_buffer_type_t t = layer_buft[il];
+        bool seen = t == buft;
+        for (int32_t j = 0; j < il && !seen; j++) {
+            seen = layer_buft[j] == t;
+        }
+        if (seen) {
+            continue;
+        }
+        int64_t n = 0;
+        for (int32_t j = il; j < n_layer; j++) {
+            if (layer_buft[j] == t) {
+                list[n++] = k[j];
+                list[n++] = v[j];
+            }
+        }
+        if (n_buf == VTRIM_MAX_SPLIT) {
+            rc = vtrim_fail(VTRIM_ERR_INVALID_ARG, "the %s tensors span more than %d devices", name, VTRIM_MAX_SPLIT);
+            break;
+        }
+        char what[64];
+        snprintf(what, sizeof what, "the %s tensors", name);
+        rc = vtrim_alloc_tensors(t, list, n, what, &buf[n_buf++]);
+    }
+    free(list);
+    return rc;
+}
 
 int32_t vtrim_kv_tensors_init(struct ggml_context ** ctx, ggml_backend_buffer_t * buf, struct ggml_tensor *** k,
                               struct ggml_tensor *** v, int32_t n_layer, int32_t n_embd_kv, int32_t n_rows,
                               const bool * one_row, enum ggml_type type, ggml_backend_buffer_type_t buft,
-                              const char * name, int64_t extra_ne0, struct ggml_tensor ** extra) {
+                              const ggml_backend_buffer_type_t * layer_buft, const char * name, int64_t extra_ne0,
+                              struct ggml_tensor ** extra) {
     struct ggml_init_params ip = { .mem_size = (size_t) (2 * n_layer + 2) * ggml_tensor_overhead(),
                                    .mem_buffer = NULL, .no_alloc = true };
     *ctx = ggml_init(ip);
@@ -18,7 +58,7 @@ int32_t vtrim_kv_tensors_init(struct ggml_context ** ctx, ggml_backend_buffer_t 
     *v = calloc((size_t) (n_layer > 0 ? n_layer : 1), sizeof **v);
     if (!*ctx || !*k || !*v) {
         vtrim_kv_tensors_free(ctx, buf, k, v);
-        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory creating the %s cache", name);
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory creating the %s tensors", name);
     }
     for (int32_t il = 0; il < n_layer; il++) {
         const int32_t rows = one_row && one_row[il] ? 1 : n_rows;
@@ -31,34 +71,48 @@ int32_t vtrim_kv_tensors_init(struct ggml_context ** ctx, ggml_backend_buffer_t 
         *extra = ggml_new_tensor_2d(*ctx, GGML_TYPE_F32, extra_ne0, n_rows);
         ggml_format_name(*extra, "%s_extra", name);
     }
-    *buf = ggml_backend_alloc_ctx_tensors_from_buft(*ctx, buft);
-    if (!*buf) {
+    const int32_t rc = layer_buft ? alloc_split_layers(buf, *k, *v, n_layer, buft, layer_buft, name) : 0;
+    if (rc < 0) {
+        vtrim_kv_tensors_free(ctx, buf, k, v);
+        return rc;
+    }
+    bool rest = false;   // every layer may sit on RPC devices, and extra_ne0 may be 0: then buf[0] stays NULL
+    for (struct ggml_tensor * t = ggml_get_first_tensor(*ctx); t && !rest; t = ggml_get_next_tensor(*ctx, t)) {
+        rest = t->buffer == NULL;
+    }
+    buf[0] = rest ? ggml_backend_alloc_ctx_tensors_from_buft(*ctx, buft) : NULL;
+    if (rest && !buf[0]) {
         const double mib = 2.0 * n_layer * n_embd_kv * (double) n_rows * ggml_type_size(type) / 1048576.0;
         vtrim_kv_tensors_free(ctx, buf, k, v);
-        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "cannot allocate the %s cache (%.1f MiB for %d rows)", name, mib,
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "cannot allocate the %s tensors (%.1f MiB for %d rows)", name, mib,
                           n_rows);
     }
-    ggml_backend_buffer_clear(*buf, 0);
+    for (int i = 0; i < VTRIM_MAX_SPLIT && buf[i]; i++) {
+        ggml_backend_buffer_clear(buf[i], 0);
+    }
     return 0;
 }
 
 void vtrim_kv_tensors_free(struct ggml_context ** ctx, ggml_backend_buffer_t * buf, struct ggml_tensor *** k,
                            struct ggml_tensor *** v) {
-    if (*buf) {
-        ggml_backend_buffer_free(*buf);
+    for (int i = 0; i < VTRIM_MAX_SPLIT; i++) {
+        if (buf[i]) {
+            ggml_backend_buffer_free(buf[i]);
+            buf[i] = NULL;
+        }
     }
     if (*ctx) {
         ggml_free(*ctx);
     }
     free(*k);
     free(*v);
-    *buf = NULL;
     *ctx = NULL;
     *k = *v = NULL;
 }
 
 int32_t vtrim_kv_cache_init(struct vtrim_kv_cache * kv, int32_t n_layer, int32_t n_ctx, int32_t head_dim,
-                            int32_t n_head_kv, enum ggml_type type, ggml_backend_buffer_type_t buft, const bool * skip) {
+                            int32_t n_head_kv, enum ggml_type type, ggml_backend_buffer_type_t buft,
+                            const ggml_backend_buffer_type_t * layer_buft, const bool * skip) {
     memset(kv, 0, sizeof *kv);
     kv->type = type;
     kv->n_layer = n_layer;
@@ -73,8 +127,8 @@ int32_t vtrim_kv_cache_init(struct vtrim_kv_cache * kv, int32_t n_layer, int32_t
         vtrim_kv_cache_free(kv);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory creating the KV cache");
     }
-    const int32_t rc = vtrim_kv_tensors_init(&kv->ctx, &kv->buf, &kv->k, &kv->v, n_layer, kv->n_embd_kv, n_ctx, skip,
-                                             type, buft, "cache", 0, NULL);
+    const int32_t rc = vtrim_kv_tensors_init(&kv->ctx, kv->buf, &kv->k, &kv->v, n_layer, kv->n_embd_kv, n_ctx, skip,
+                                             type, buft, layer_buft, "cache", 0, NULL);
     if (rc < 0) {
         vtrim_kv_cache_free(kv);
     }
@@ -82,7 +136,7 @@ int32_t vtrim_kv_cache_init(struct vtrim_kv_cache * kv, int32_t n_layer, int32_t
 }
 
 void vtrim_kv_cache_free(struct vtrim_kv_cache * kv) {
-    vtrim_kv_tensors_free(&kv->ctx, &kv->buf, &kv->k, &kv->v);
+    vtrim_kv_tensors_free(&kv->ctx, kv->buf, &kv->k, &kv->v);
     for (int32_t il = 0; kv->pos_head && il < kv->n_layer; il++) {
         free(kv->pos_head[il]);
     }

@@ -9,13 +9,14 @@
 
 #include "ggml.h"
 #include "ggml-backend.h"
+#include "model/split.h"
 
 #include <stdbool.h>
 #include <stdint.h>
 
 struct vtrim_kv_cache {
     struct ggml_context * ctx;
-    ggml_backend_buffer_t buf;
+    ggml_backend_buffer_t buf[VTRIM_MAX_SPLIT];   // [0]: the local device's; then one per RPC device
     enum ggml_type        type;
     int32_t               n_layer;
     int32_t               n_ctx;
@@ -30,19 +31,24 @@ struct vtrim_kv_cache {
 };
 
 // The storage both this cache and mllama's cross cache use: K ([n_embd_kv, n_rows]) and transposed V
-// ([n_rows, n_embd_kv]) of n_layer layers in one buffer of buft, named "<name>_k_<il>" and "<name>_v_<il>";
-// one_row[il] (or NULL) gives a layer a 1-row placeholder; extra_ne0 > 0 adds one F32 [extra_ne0, n_rows]
-// tensor (*extra) to the buffer. On failure everything is freed and the message says what did not fit.
+// ([n_rows, n_embd_kv]) of n_layer layers, named "<name>_k_<il>" and "<name>_v_<il>", in buf[0] of buft;
+// layer_buft (or NULL) gives each layer's buffer type, and the layers of another type than buft go to
+// buf[1..] (buf: VTRIM_MAX_SPLIT entries, NULL at first). one_row[il] (or NULL) gives a layer a 1-row
+// placeholder; extra_ne0 > 0 adds one F32 [extra_ne0, n_rows] tensor (*extra) to buf[0]. On failure
+// everything is freed and the message says what did not fit.
 int32_t vtrim_kv_tensors_init(struct ggml_context ** ctx, ggml_backend_buffer_t * buf, struct ggml_tensor *** k,
                               struct ggml_tensor *** v, int32_t n_layer, int32_t n_embd_kv, int32_t n_rows,
                               const bool * one_row, enum ggml_type type, ggml_backend_buffer_type_t buft,
-                              const char * name, int64_t extra_ne0, struct ggml_tensor ** extra);
+                              const ggml_backend_buffer_type_t * layer_buft, const char * name, int64_t extra_ne0,
+                              struct ggml_tensor ** extra);
 void    vtrim_kv_tensors_free(struct ggml_context ** ctx, ggml_backend_buffer_t * buf, struct ggml_tensor *** k,
                               struct ggml_tensor *** v);
 
 // skip[il] (or NULL): layers that keep no rows (mllama's cross-attention layers) get a 1-row placeholder.
+// layer_buft (or NULL): each layer's buffer type, as for vtrim_kv_tensors_init.
 int32_t vtrim_kv_cache_init(struct vtrim_kv_cache * kv, int32_t n_layer, int32_t n_ctx, int32_t head_dim,
-                            int32_t n_head_kv, enum ggml_type type, ggml_backend_buffer_type_t buft, const bool * skip);
+                            int32_t n_head_kv, enum ggml_type type, ggml_backend_buffer_type_t buft,
+                            const ggml_backend_buffer_type_t * layer_buft, const bool * skip);
 void    vtrim_kv_cache_free(struct vtrim_kv_cache * kv);
 void    vtrim_kv_cache_clear(struct vtrim_kv_cache * kv);
 // Bytes of K and V rows in use, all layers.

@@ -4,6 +4,7 @@
 #include "api/error.h"
 
 #include <stdio.h>
+#include <string.h>
 
 const char * vtrim_backends(void) {
     static char names[256];
@@ -32,7 +33,11 @@ ggml_backend_dev_t vtrim_pick_device(int32_t device, int32_t * rc) {
     }
     if (device == VTRIM_DEVICE_GPU && !gpu) {
         // A GPU backend compiled in but no device (no driver, no card) is another fix than a CPU-only build.
-        const bool has_gpu_backend = ggml_backend_reg_count() > 1;
+        bool has_gpu_backend = false;   // a backend other than the CPU's and RPC's (which brings no device)
+        for (size_t i = 0; i < ggml_backend_reg_count(); i++) {
+            const char * name = ggml_backend_reg_name(ggml_backend_reg_get(i));
+            has_gpu_backend |= strcmp(name, "CPU") != 0 && strcmp(name, "RPC") != 0;
+        }
         *rc = has_gpu_backend
             ? vtrim_fail(VTRIM_ERR_UNSUPPORTED, "device 'gpu' requested but no GPU found (backends: %s; is the "
                          "driver installed and a device visible?)", vtrim_backends())

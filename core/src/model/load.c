@@ -19,7 +19,7 @@
 #include <sys/mman.h>
 #endif
 
-#define MAX_FILES 2
+#define MAX_FILES VTRIM_MAX_WEIGHT_FILES
 
 // Decode streams every weight once per token, so TLB misses cost bandwidth. llama.cpp's memory-mapped weights
 // sit in the page cache, which the kernel backs with huge pages; our heap copy gets them only when asked
@@ -77,8 +77,77 @@ static int32_t open_gguf(const char * path, struct weight_file * f) {
     return 0;
 }
 
+// The weights of the decoder layers that go to RPC servers, in one buffer per server device; the rest stay
+// unallocated for the local buffer.
+static int32_t place_rpc_layers(struct vtrim_model * m) {
+    if (m->n_rpc == 0) {
+        return 0;
+    }
+    int64_t n_all = 0;
+    for (struct ggml_tensor * t = ggml_get_first_tensor(m->ctx_w); t; t = ggml_get_next_tensor(m->ctx_w, t)) {
+        n_all++;
+    }
+    struct ggml_tensor ** list = malloc(sizeof *list * (size_t) (n_all > 0 ? n_all : 1));
+    if (!list) {
+        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    }
+    int32_t rc = 0;
+    for (int32_t d = 0; d < m->n_rpc && rc == 0; d++) {
+        int64_t n = 0;
+        for (struct ggml_tensor * t = ggml_get_first_tensor(m->ctx_w); t; t = ggml_get_next_tensor(m->ctx_w, t)) {
+            const int32_t il = vtrim_tensor_layer(ggml_get_name(t));
+            if (il >= 0 && vtrim_layer_device(m, il) == m->rpc_dev[d]) {
+                list[n++] = t;
+                m->n_bytes_rpc += (int64_t) ggml_nbytes(t);
+            }
+        }
+        char what[96];
+        snprintf(what, sizeof what, "the weights for %s", ggml_backend_dev_description(m->rpc_dev[d]));
+        rc = vtrim_alloc_tensors(ggml_backend_dev_buffer_type(m->rpc_dev[d]), list, n, what, &m->rpc_buf[d]);
+        if (rc == 0 && m->rpc_buf[d]) {
+            ggml_backend_buffer_set_usage(m->rpc_buf[d], GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        }
+    }
+    free(list);
+    return rc;
+}
+
+// Each file mapped, and its tensors not placed elsewhere (on RPC servers) pointed into the mapping.
+static int32_t map_weights(struct vtrim_model * m, const struct weight_file * files, int n_files) {
+    for (int i = 0; i < n_files; i++) {
+        const struct gguf_context * g = files[i].gguf;
+        int32_t rc = vtrim_map_file(files[i].path, &m->map[i]);
+        if (rc < 0) {
+            return rc;
+        }
+        const size_t base = gguf_get_data_offset(g);
+        if (base >= m->map[i].size) {
+            continue;   // no tensor data (a vocabulary file)
+        }
+        char * data = (char *) m->map[i].addr + base;
+        m->map_buf[i] = ggml_backend_cpu_buffer_from_ptr(data, m->map[i].size - base);
+        if (!m->map_buf[i]) {
+            return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "cannot wrap the mapping of '%s'", files[i].path);
+        }
+        ggml_backend_buffer_set_usage(m->map_buf[i], GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        for (int64_t t = 0; t < gguf_get_n_tensors(g); t++) {
+            struct ggml_tensor * w = ggml_get_tensor(m->ctx_w, gguf_get_tensor_name(g, t));
+            if (w->buffer) {
+                continue;   // on an RPC server
+            }
+            const enum ggml_status st = ggml_backend_tensor_alloc(m->map_buf[i], w, data + gguf_get_tensor_offset(g, t));
+            if (st != GGML_STATUS_SUCCESS) {
+                return vtrim_fail(VTRIM_ERR_FORMAT, "tensor '%s' does not lie in '%s'", ggml_get_name(w),
+                                  files[i].path);
+            }
+            m->n_bytes_mapped += (int64_t) ggml_nbytes(w);
+        }
+    }
+    return 0;
+}
+
 // Creates every tensor of every file in one no_alloc context, allocates them on the device, reads the data.
-static int32_t load_weights(struct vtrim_model * m, struct weight_file * files, int n_files) {
+static int32_t load_weights(struct vtrim_model * m, struct weight_file * files, int n_files, bool use_mmap) {
     size_t n_tensors = 0;
     for (int i = 0; i < n_files; i++) {
         n_tensors += (size_t) gguf_get_n_tensors(files[i].gguf);
@@ -106,19 +175,28 @@ static int32_t load_weights(struct vtrim_model * m, struct weight_file * files, 
     if (n_tensors == 0) {
         return 0;
     }
-    m->buf_w = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_w, ggml_backend_dev_buffer_type(m->dev));
-    if (!m->buf_w) {
-        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of weights on %s",
-                          m->n_bytes / 1048576.0, ggml_backend_dev_name(m->dev));
+    int32_t rc = place_rpc_layers(m);
+    // the CPU computes on host memory: it can read the mapping itself; a GPU gets a copy (read from the file)
+    const bool map = use_mmap && ggml_backend_dev_type(m->dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
+    if (rc == 0 && map) {
+        rc = map_weights(m, files, n_files);
     }
-    ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-    const bool host = ggml_backend_buffer_is_host(m->buf_w);
-    if (host) {
-        advise_huge_pages(m->buf_w);
+    if (rc < 0) {
+        return rc;
+    }
+    if (!map) {
+        m->buf_w = ggml_backend_alloc_ctx_tensors_from_buft(m->ctx_w, ggml_backend_dev_buffer_type(m->dev));
+        if (!m->buf_w) {
+            return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "cannot allocate %.1f MiB of weights on %s",
+                              m->n_bytes / 1048576.0, ggml_backend_dev_name(m->dev));
+        }
+        ggml_backend_buffer_set_usage(m->buf_w, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        if (ggml_backend_buffer_is_host(m->buf_w)) {
+            advise_huge_pages(m->buf_w);
+        }
     }
     void * staging = NULL;
     size_t staging_size = 0;
-    int32_t rc = 0;
     for (int i = 0; i < n_files && rc == 0; i++) {
         const struct gguf_context * g = files[i].gguf;
         FILE * fp = fopen(files[i].path, "rb");
@@ -130,6 +208,14 @@ static int32_t load_weights(struct vtrim_model * m, struct weight_file * files, 
         for (int64_t t = 0; t < gguf_get_n_tensors(g) && rc == 0; t++) {
             struct ggml_tensor * w = ggml_get_tensor(m->ctx_w, gguf_get_tensor_name(g, t));
             const size_t nb = ggml_nbytes(w);
+            if (m->map_buf[i] && w->buffer == m->map_buf[i]) {
+                continue;   // its data is the mapping
+            }
+            if (m->map_buf[i]) {   // an RPC server's tensor: sent from the mapping, not read again
+                ggml_backend_tensor_set(w, (const char *) m->map[i].addr + base + gguf_get_tensor_offset(g, t), 0, nb);
+                continue;
+            }
+            const bool host = ggml_backend_buffer_is_host(w->buffer);
             void * dst = w->data;
             if (!host) {
                 if (nb > staging_size) {
@@ -162,6 +248,7 @@ void vtrim_model_params_default(struct vtrim_model_params * p) {
     p->device = VTRIM_DEVICE_AUTO;
     p->n_threads = 0;
     p->vocab_only = false;
+    p->use_mmap = true;
 }
 
 static int32_t load(struct vtrim_model * m, const char * path, const char * mmproj,
@@ -196,10 +283,10 @@ static int32_t load(struct vtrim_model * m, const char * path, const char * mmpr
         return rc;
     }
     m->dev = vtrim_pick_device(p->device, &rc);
-    if (rc < 0) {
+    if (rc < 0 || (rc = vtrim_rpc_connect(m, p->rpc_servers)) < 0) {
         return rc;
     }
-    if ((rc = load_weights(m, files, *n_files)) < 0) {
+    if ((rc = load_weights(m, files, *n_files, p->use_mmap)) < 0) {
         return rc;
     }
     return arch->bind_tensors(m);
@@ -250,6 +337,17 @@ void vtrim_model_free(struct vtrim_model * m) {
     }
     if (m->buf_w) {
         ggml_backend_buffer_free(m->buf_w);
+    }
+    for (int32_t d = 0; d < m->n_rpc; d++) {
+        if (m->rpc_buf[d]) {
+            ggml_backend_buffer_free(m->rpc_buf[d]);
+        }
+    }
+    for (int i = 0; i < VTRIM_MAX_WEIGHT_FILES; i++) {
+        if (m->map_buf[i]) {
+            ggml_backend_buffer_free(m->map_buf[i]);
+        }
+        vtrim_unmap(&m->map[i]);
     }
     if (m->ctx_w) {
         ggml_free(m->ctx_w);

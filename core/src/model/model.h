@@ -4,6 +4,9 @@
 
 #include "vtrim.h"
 
+#include "model/mmap.h"
+#include "model/split.h"
+
 #include "ggml.h"
 #include "ggml-backend.h"
 
@@ -45,6 +48,8 @@ struct vtrim_llama_layer {
     bool                 foreign;
 };
 
+#define VTRIM_MAX_WEIGHT_FILES 2   // a single file, or llama.cpp's text + mmproj
+
 struct vtrim_model {
     const struct vtrim_arch * arch;
     void *                    arch_state;   // the architecture's own (vision tower, cross layers, ...)
@@ -58,10 +63,19 @@ struct vtrim_model {
     struct vtrim_vocab * vocab;
     int32_t image_token_id;
 
-    // weights: metadata in ctx_w, data in buf_w on the chosen device
+    // weights: metadata in ctx_w, data in buf_w on the chosen device, but for the decoder layers that
+    // vtrim_layer_device puts on RPC servers (their data in rpc_buf)
     struct ggml_context * ctx_w;
     ggml_backend_buffer_t buf_w;
-    ggml_backend_dev_t    dev;        // device holding the weights (CPU or a GPU)
+    ggml_backend_dev_t    dev;        // the local device (CPU or a GPU)
+    int32_t               n_rpc;
+    ggml_backend_dev_t    rpc_dev[VTRIM_MAX_RPC];
+    ggml_backend_buffer_t rpc_buf[VTRIM_MAX_RPC];
+    int64_t               n_bytes_rpc;   // of n_bytes, on the RPC devices
+    // with use_mmap on the CPU: each file mapped, its tensor data a buffer over the mapping (buf_w then NULL)
+    struct vtrim_mapping  map[VTRIM_MAX_WEIGHT_FILES];
+    ggml_backend_buffer_t map_buf[VTRIM_MAX_WEIGHT_FILES];
+    int64_t               n_bytes_mapped;
     int64_t n_params;
     int64_t n_bytes;
 
@@ -83,3 +97,7 @@ int32_t vtrim_model_tensorf(const struct vtrim_model * model, struct ggml_tensor
 
 // The device the weights go to (model/backend.c).
 ggml_backend_dev_t vtrim_pick_device(int32_t device, int32_t * rc);
+// RPC servers from "host:port,host:port" into m->rpc_dev (model/rpc.c); an unreachable one is an error.
+int32_t vtrim_rpc_connect(struct vtrim_model * m, const char * servers);
+// Where decoder layer il's weights and KV cache live (m->dev for anything that is not a decoder layer).
+ggml_backend_dev_t vtrim_layer_device(const struct vtrim_model * m, int32_t il);

@@ -93,6 +93,9 @@ int32_t vtrim_context_init(struct vtrim_model * model, const struct vtrim_contex
     if (model->dev != cpu_dev) {
         c->backends[c->n_backends++] = ggml_backend_dev_init(model->dev, NULL);
     }
+    for (int32_t d = 0; d < model->n_rpc; d++) {
+        c->backends[c->n_backends++] = ggml_backend_dev_init(model->rpc_dev[d], NULL);
+    }
     c->cpu = ggml_backend_dev_init(cpu_dev, NULL);
     c->backends[c->n_backends++] = c->cpu;
     for (int i = 0; i < c->n_backends; i++) {
@@ -111,14 +114,18 @@ int32_t vtrim_context_init(struct vtrim_model * model, const struct vtrim_contex
     if (rc == 0) {
         const struct vtrim_text_hparams * hp = &model->text;
         bool * skip = calloc((size_t) hp->n_layer, sizeof(bool));
-        for (int il = 0; skip && il < hp->n_layer; il++) {
+        ggml_backend_buffer_type_t * layer_buft = calloc((size_t) hp->n_layer, sizeof *layer_buft);
+        for (int il = 0; skip && layer_buft && il < hp->n_layer; il++) {
             skip[il] = model->layers[il].foreign;
+            layer_buft[il] = ggml_backend_dev_buffer_type(vtrim_layer_device(model, il));
         }
-        rc = skip ? vtrim_kv_cache_init(&c->kv, hp->n_layer, p.n_ctx, hp->head_dim, hp->n_head_kv,
-                                        p.kv_type == VTRIM_KV_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16,
-                                        ggml_backend_dev_buffer_type(model->dev), skip)
-                  : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+        rc = skip && layer_buft ? vtrim_kv_cache_init(&c->kv, hp->n_layer, p.n_ctx, hp->head_dim, hp->n_head_kv,
+                                                      p.kv_type == VTRIM_KV_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16,
+                                                      ggml_backend_dev_buffer_type(model->dev),
+                                                      model->n_rpc ? layer_buft : NULL, skip)
+                                : vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
         free(skip);
+        free(layer_buft);
     }
     if (rc == 0 && model->arch->context_init) {
         rc = model->arch->context_init(c);
@@ -249,6 +256,7 @@ int32_t vtrim_context_graph_exec(struct vtrim_context * c, struct ggml_cgraph * 
     for (int i = 0; i < n_in; i++) {
         if (in[i].t && in[i].t->buffer) {   // an input no node reads gets no buffer
             ggml_backend_tensor_set(in[i].t, in[i].data, 0, ggml_nbytes(in[i].t));
+            c->host_bytes_in += (int64_t) ggml_nbytes(in[i].t);
         }
     }
     note_ops(c, gf);
@@ -265,6 +273,7 @@ int32_t vtrim_context_graph_exec(struct vtrim_context * c, struct ggml_cgraph * 
     for (int i = 0; i < n_out; i++) {
         if (out[i].t) {
             ggml_backend_tensor_get(out[i].t, out[i].data, 0, ggml_nbytes(out[i].t));
+            c->host_bytes_out += (int64_t) ggml_nbytes(out[i].t);
         }
     }
     return 0;

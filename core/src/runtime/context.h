@@ -41,7 +41,7 @@ struct vtrim_context {
     struct vtrim_context_params params;
     void *                      arch_state;   // the architecture's (arch/arch.h)
 
-    ggml_backend_t       backends[2];   // [GPU,] CPU
+    ggml_backend_t       backends[VTRIM_MAX_SPLIT + 1];   // [GPU,] the RPC devices, CPU
     int                  n_backends;
     ggml_backend_t       cpu;
     ggml_backend_sched_t sched;
@@ -61,6 +61,7 @@ struct vtrim_context {
     int32_t                     n_kept_image_rows;
 
     struct vtrim_stats stats;
+    int64_t host_bytes_in, host_bytes_out;   // all transfers so far (the stats take a prefill's difference)
     atomic_bool          abort_flag;      // vtrim_context_abort
     vtrim_abort_callback abort_callback;  // vtrim_context_set_abort_callback
     void *               abort_data;

@@ -147,12 +147,17 @@ static int32_t forward_chunk(struct vtrim_context * c, const struct vtrim_rows *
         rc = vtrim_context_graph_alloc(c, gf);
     }
     for (int i = 0; rc == 0 && i < in.n_masks; i++) {
+        if (!in.mask[i]->buffer) {
+            // No node reads it: a pass whose last layer only stores K and V for this chunk (its output unwanted).
+            continue;
+        }
         const int il = in.mask_layer[i];
         const int32_t n_cached = c->kv.n[il];
         memcpy(s->cols, vtrim_kv_positions(&c->kv, il, 0), sizeof(int32_t) * (size_t) n_cached);
         memcpy(s->cols + n_cached, rows->pos + a, sizeof(int32_t) * (size_t) n);
         vtrim_kv_mask_fill(s->cols, n_cached + n, rows->pos + a, n, (int32_t) in.mask[i]->ne[0], s->mask);
         ggml_backend_tensor_set(in.mask[i], s->mask, 0, ggml_nbytes(in.mask[i]));
+        c->host_bytes_in += (int64_t) ggml_nbytes(in.mask[i]);
     }
     if (rc == 0) {
         io_in[0] = (struct vtrim_tensor_io) { in.text_ids, s->ids };

@@ -226,7 +226,7 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
         flops_full += vtrim_layer_flops(&m->text, (double) n_full, c->kv.n[l]);
     }
 
-    const int64_t t0 = ggml_time_us();
+    const int64_t t0 = ggml_time_us(), host_in0 = c->host_bytes_in, host_out0 = c->host_bytes_out;
     c->img.n_images = 0;
     rc = n_images > 0 ? a->encode(c, images, n_images) : 0;
     const int64_t t1 = ggml_time_us();
@@ -277,6 +277,8 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
     c->stats.t_prefill_ms = (t2 - t1) / 1000.0;
     c->stats.prefill_flops = flops;
     c->stats.prefill_flops_full = flops_full;
+    c->stats.host_bytes_in = c->host_bytes_in - host_in0;
+    c->stats.host_bytes_out = c->host_bytes_out - host_out0;
     return 0;
 }
 

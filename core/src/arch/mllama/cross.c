@@ -24,8 +24,8 @@ int32_t vtrim_cross_cache_init(struct vtrim_cross_cache * xc, int32_t n_layer, i
         vtrim_cross_cache_free(xc);
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory creating the cross-attention cache");
     }
-    const int32_t rc = vtrim_kv_tensors_init(&xc->ctx, &xc->buf, &xc->k, &xc->v, n_layer, n_embd_kv, n_rows, NULL,
-                                             type, buft, "cross", n_embd_states, &xc->states);
+    const int32_t rc = vtrim_kv_tensors_init(&xc->ctx, xc->buf, &xc->k, &xc->v, n_layer, n_embd_kv, n_rows, NULL,
+                                             type, buft, NULL, "cross", n_embd_states, &xc->states);
     if (rc < 0) {
         vtrim_cross_cache_free(xc);
     }
@@ -33,7 +33,7 @@ int32_t vtrim_cross_cache_init(struct vtrim_cross_cache * xc, int32_t n_layer, i
 }
 
 void vtrim_cross_cache_free(struct vtrim_cross_cache * xc) {
-    vtrim_kv_tensors_free(&xc->ctx, &xc->buf, &xc->k, &xc->v);
+    vtrim_kv_tensors_free(&xc->ctx, xc->buf, &xc->k, &xc->v);
     free(xc->kept);
     free(xc->trimmed);
     memset(xc, 0, sizeof *xc);

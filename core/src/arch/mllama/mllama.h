@@ -78,7 +78,7 @@ void vtrim_mllama_vision_mask(const struct vtrim_mllama * v, int32_t n_tiles, gg
 // prefill that brings images and reused by every later token. Rows: image-major, tile, patch.
 struct vtrim_cross_cache {
     struct ggml_context * ctx;
-    ggml_backend_buffer_t buf;
+    ggml_backend_buffer_t buf[VTRIM_MAX_SPLIT];   // buf[0]: every layer's (the cache stays on the local device)
     enum ggml_type        type;
     int32_t               n_layer;     // cross-attention layers
     int32_t               n_rows;      // capacity
