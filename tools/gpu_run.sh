@@ -32,6 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 # Parity with transformers and the methods' references, on the GPU.
 python3 -m pytest -q -p no:cacheprovider tests/test_parity_llava.py tests/test_parity_mllama.py \
-    tests/test_fastv.py tests/test_trim.py tests/test_api.py 2>&1 | tee "$out/gpu-tests.log" | tail -3
+    tests/test_fastv.py tests/test_trim.py tests/test_ficoco_v.py tests/test_ficoco_l.py tests/test_vlcache.py \
+    tests/test_quantize.py tests/test_mmap.py tests/test_api.py 2>&1 | tee "$out/gpu-tests.log" | tail -3
 # FastV on the TinyLlama shape, on the GPU.
 python3 tools/bench.py --threads 16 --out "$out/fastv-gpu.json" 2>&1 | tail -5 | tee -a "$out/gpu-summary.txt"
