@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print what a GGUF model is (shapes, vocabulary, weight types)")
     info.add_argument("model")
     info.add_argument("--mmproj")
+    info.add_argument("--memory", action="store_true",
+                      help="what the model and a context hold (after one prefill of an image and a full batch)")
+    info.add_argument("--n-ctx", type=_int_at_least(0), default=4096, help="with --memory: the context's size")
+    info.add_argument("--kv-type", choices=["f16", "f32"], default="f16", help="with --memory")
 
     from .server.cli import add_serve_args
 
@@ -395,6 +399,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from . import _ffi
     from .model import Model
 
+    if args.memory:
+        return _print_memory(args)
     with Model(args.model, mmproj=args.mmproj, n_ctx=256) as m:
         info = m.info
     rows = list(info.items())
@@ -405,6 +411,41 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _print_memory(args: argparse.Namespace) -> int:
+    """The memory report: a context of --n-ctx, sized by a prefill of one image and a prompt that fills a
+    prefill batch (the largest graphs a turn runs, but for attention over a nearly full cache)."""
+    import numpy as np
+
+    from .model import Model
+
+    with Model(args.model, mmproj=args.mmproj, n_ctx=args.n_ctx, kv_type=args.kv_type) as m:
+        info = m.info
+        n_img = int(info.get("n_image_tokens", 0)) if info.get("image_token_id", -1) >= 0 else 0
+        n_text = max(1, min(512, m.n_ctx - n_img - 8) - 8)
+        image = np.full((int(info.get("image_size") or 32),) * 2 + (3,), 127, np.uint8)
+        ids = m.tokenize(m.chat_prompt("a " * n_text, 1)) if n_img else m.tokenize("a " * n_text)
+        ids = ids[:max(1, m.n_ctx - n_img - 1)]
+        m.forward(ids, [image] if n_img and info.get("image_token_id") in ids else [])
+        mem = m.memory()
+        n_past = m.last_stats["n_past"]
+    mib = 1 << 20
+    weights = mem["weights_text"] + mem["weights_vision"] + mem["weights_projector"]
+    rows = [("weights: text tower", mem["weights_text"]), ("weights: vision tower", mem["weights_vision"]),
+            ("weights: projector", mem["weights_projector"]), ("  of those on RPC servers", mem["weights_rpc"]),
+            ("  of those mapped from the file", mem["weights_mapped"]),
+            (f"KV cache ({args.n_ctx} positions, {args.kv_type})", mem["kv_cache"]),
+            ("cross-attention cache (in use)", mem["cross_cache"]),
+            (f"compute buffers (after a {n_past}-position prefill)", mem["compute"]),
+            ("image embeddings (host)", mem["image_embeddings"]), ("logits (host)", mem["host_logits"])]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value / mib:10.1f} MiB")
+    total = weights - mem["weights_rpc"] + sum(v for k, v in mem.items() if not k.startswith("weights"))
+    print(f"{'total here':<{width}}  {total / mib:10.1f} MiB  (KV per 1000 positions: "
+          f"{mem['kv_cache'] / max(1, args.n_ctx) * 1000 / mib:.1f} MiB)")
     return 0
 
 

@@ -344,6 +344,9 @@ class Model:
     def kv_positions(self, layer: int, head: int) -> List[int]:
         return self._session().kv_positions(layer, head)
 
+    def memory(self) -> Dict[str, int]:
+        return self._session().memory()
+
     def reset(self) -> None:
         self._session().reset()
 

@@ -244,6 +244,15 @@ class Session:
         return list(ffi.unpack(buf[0], n))
 
     @_locked
+    def memory(self) -> Dict[str, int]:
+        """Bytes held, by kind (vtrim_get_memory): weights_text/vision/projector (of those weights_rpc on RPC
+        servers, weights_mapped the file's pages), kv_cache (as allocated for n_ctx), cross_cache, compute
+        (the compute buffers as sized by the largest graphs run so far), image_embeddings, host_logits."""
+        mem = self._ffi.new("struct vtrim_memory *")
+        check(self._lib.vtrim_get_memory(self._ctx(), mem))
+        return {k: int(v) for k, v in _struct_to_dict(self._ffi, mem).items()}
+
+    @_locked
     def kv_positions(self, layer: int, head: int) -> List[int]:
         """The positions of the rows decoder layer ``layer`` holds for KV head ``head``, ascending: every
         position of the sequence unless a reduction dropped some (after VLCache each KV head keeps its own)."""

@@ -143,6 +143,19 @@ struct vtrim_sampler_params {
     uint64_t seed;
 };
 
+struct vtrim_memory {
+    int64_t weights_text;        /* decoder: embeddings, layers, output                       */
+    int64_t weights_vision;      /* vision tower                                              */
+    int64_t weights_projector;   /* projector                                                 */
+    int64_t weights_rpc;         /* of the weights, on RPC servers                            */
+    int64_t weights_mapped;      /* of the weights, the file's mapped pages (shared, evictable) */
+    int64_t kv_cache;            /* self-attention K and V buffers, all devices               */
+    int64_t cross_cache;         /* cross-attention states in use (Llama-3.2-Vision)          */
+    int64_t compute;             /* the scheduler's compute buffers                           */
+    int64_t image_embeddings;    /* host buffer of the prompt's image embeddings              */
+    int64_t host_logits;         /* host copy of the last logits                              */
+};
+
 /* ---- visual-token reduction: policies applied at hooks of the forward pass ---- */
 
 enum vtrim_reduce_method {
@@ -340,6 +353,10 @@ VTRIM_API int32_t vtrim_decode(struct vtrim_context * ctx, int32_t token);
 /* The logits of the last token (n_vocab floats). */
 VTRIM_API int32_t vtrim_logits(const struct vtrim_context * ctx, float * logits, int32_t n_vocab);
 VTRIM_API int32_t vtrim_get_stats(const struct vtrim_context * ctx, struct vtrim_stats * out);
+/* What the context and its model hold, in bytes. Weights by tower (all devices), the KV cache as allocated
+ * (n_ctx rows of every layer), the compute buffers as sized by the largest graphs run so far (run the longest
+ * prompt with an image once to see the peak), the image embeddings' host buffer. */
+VTRIM_API int32_t vtrim_get_memory(const struct vtrim_context * ctx, struct vtrim_memory * out);
 /* The ggml ops of every graph the context has run, as ggml's enum names ("GGML_OP_MUL_MAT",
  * "GGML_UNARY_OP_SILU", ...), sorted, comma separated, NUL-terminated: what a backend must support to run
  * this model and these reductions. *n_out: the length without the NUL; VTRIM_ERR_BUFFER_TOO_SMALL when
