@@ -67,6 +67,8 @@ class Model:
     n_batch: prompt rows per prefill graph (a longer prompt runs in chunks; 0: the library's default, 512).
     use_mmap: map the weight file (on the CPU the weights are its pages, shared by every process that maps
         it); False: read it into the heap.
+    image_cache_mib: the image-embedding cache the sessions share (an image any of them saw is not encoded
+        again; LLaVA without FiCoCo-V); 0: none.
     rpc: ggml rpc-server endpoints ("host:port", or a list): the decoder layers are split in equal shares
         over them and this machine, which keeps the last share (`pyvtrim rpc-server` starts one).
     vocab_only: load only the tokenizer (no context; tokenize/detokenize only).
@@ -89,6 +91,7 @@ class Model:
         n_batch: int = 0,
         rpc: "str | Sequence[str] | None" = None,
         use_mmap: bool = True,
+        image_cache_mib: float = 256,
     ) -> None:
         self.path = os.fspath(path)
         self.mmproj = None if mmproj is None else os.fspath(mmproj)
@@ -135,6 +138,10 @@ class Model:
                 mp.rpc_servers = rpc_c   # rpc_c outlives the load call below
             if "use_mmap" in fields:
                 mp.use_mmap = bool(use_mmap)
+            if float(image_cache_mib) < 0:
+                raise VtrimValueError(f"image_cache_mib must be >= 0 (0: no cache), got {image_cache_mib}")
+            if "image_cache_bytes" in fields:
+                mp.image_cache_bytes = int(float(image_cache_mib) * (1 << 20))
             if "n_threads" in fields:
                 mp.n_threads = self.n_threads
             if self.vocab_only:

@@ -102,6 +102,9 @@ struct vtrim_model_params {
        every process that maps it, read as they are touched; false: read into the heap (huge pages). A GPU
        always gets a copy. */
     bool    use_mmap;
+    /* bytes of the image-embedding cache that the model's contexts share (default 256 MiB; 0: none): an
+       image seen before, by any context, is not encoded again (LLaVA without a vision-tower reduction) */
+    int64_t image_cache_bytes;
 };
 
 struct vtrim_context_params {
@@ -154,6 +157,7 @@ struct vtrim_memory {
     int64_t compute;             /* the scheduler's compute buffers                           */
     int64_t image_embeddings;    /* host buffer of the prompt's image embeddings              */
     int64_t host_logits;         /* host copy of the last logits                              */
+    int64_t image_cache;         /* the model's image-embedding cache, shared by its contexts */
 };
 
 /* ---- visual-token reduction: policies applied at hooks of the forward pass ---- */
@@ -263,6 +267,7 @@ struct vtrim_stats {
     int64_t host_bytes_in;       /* bytes the host gave the backends in the last prefill (ids, embeddings,
                                     masks, the indices a reduction chose)                             */
     int64_t host_bytes_out;      /* bytes it read back (logits, hidden states and scores for reductions) */
+    int32_t n_images_cached;     /* of n_images, taken from the model's image cache (not encoded)       */
 };
 
 /* ---- errors ---------------------------------------------------------------------------------- */

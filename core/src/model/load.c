@@ -5,6 +5,7 @@
 #include "api/error.h"
 #include "model/gguf_open.h"
 #include "model/gguf_util.h"
+#include "runtime/image_cache.h"
 #include "vocab/vocab.h"
 
 #include "ggml-backend.h"
@@ -249,6 +250,7 @@ void vtrim_model_params_default(struct vtrim_model_params * p) {
     p->n_threads = 0;
     p->vocab_only = false;
     p->use_mmap = true;
+    p->image_cache_bytes = (int64_t) 256 << 20;
 }
 
 static int32_t load(struct vtrim_model * m, const char * path, const char * mmproj,
@@ -288,6 +290,12 @@ static int32_t load(struct vtrim_model * m, const char * path, const char * mmpr
     }
     if ((rc = load_weights(m, files, *n_files, p->use_mmap)) < 0) {
         return rc;
+    }
+    if (m->has_vision) {
+        m->image_cache = vtrim_image_cache_new(p->image_cache_bytes, &rc);
+        if (rc < 0) {
+            return rc;
+        }
     }
     return arch->bind_tensors(m);
 }
@@ -343,6 +351,7 @@ void vtrim_model_free(struct vtrim_model * m) {
             ggml_backend_buffer_free(m->rpc_buf[d]);
         }
     }
+    vtrim_image_cache_free(m->image_cache);
     for (int i = 0; i < VTRIM_MAX_WEIGHT_FILES; i++) {
         if (m->map_buf[i]) {
             ggml_backend_buffer_free(m->map_buf[i]);

@@ -16,6 +16,7 @@
 struct vtrim_arch;
 struct vtrim_chat_template;
 struct vtrim_vocab;
+struct vtrim_image_cache;
 
 struct vtrim_text_hparams {
     int32_t n_vocab;
@@ -76,6 +77,7 @@ struct vtrim_model {
     struct vtrim_mapping  map[VTRIM_MAX_WEIGHT_FILES];
     ggml_backend_buffer_t map_buf[VTRIM_MAX_WEIGHT_FILES];
     int64_t               n_bytes_mapped;
+    struct vtrim_image_cache * image_cache;   // encoded images, shared by the contexts (runtime/image_cache.c)
     int64_t n_params;
     int64_t n_bytes;
 

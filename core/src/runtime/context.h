@@ -24,6 +24,7 @@ struct vtrim_image_rows {
     size_t    src_cap;
     int32_t   n_images;
     int32_t   cap_images;
+    int32_t   n_cached;     // of n_images, taken from the model's image cache
 };
 
 // The query rows an after-prefill policy scores with: their post-RoPE Q in every layer, captured by the

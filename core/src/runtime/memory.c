@@ -3,6 +3,7 @@
 
 #include "api/error.h"
 #include "arch/arch.h"
+#include "runtime/image_cache.h"
 
 #include <string.h>
 
@@ -34,5 +35,6 @@ int32_t vtrim_get_memory(const struct vtrim_context * c, struct vtrim_memory * o
     }
     out->image_embeddings = (int64_t) (c->img.cap * sizeof(float) + c->img.src_cap * sizeof(int32_t));
     out->host_logits = (int64_t) m->text.n_vocab * (int64_t) sizeof(float);
+    out->image_cache = vtrim_image_cache_bytes(m->image_cache);
     return 0;
 }

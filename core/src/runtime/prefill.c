@@ -228,6 +228,7 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
 
     const int64_t t0 = ggml_time_us(), host_in0 = c->host_bytes_in, host_out0 = c->host_bytes_out;
     c->img.n_images = 0;
+    c->img.n_cached = 0;
     rc = n_images > 0 ? a->encode(c, images, n_images) : 0;
     const int64_t t1 = ggml_time_us();
     if (rc == 0) {
@@ -279,6 +280,7 @@ int32_t vtrim_prefill(struct vtrim_context * c, const int32_t * tokens, int32_t 
     c->stats.prefill_flops_full = flops_full;
     c->stats.host_bytes_in = c->host_bytes_in - host_in0;
     c->stats.host_bytes_out = c->host_bytes_out - host_out0;
+    c->stats.n_images_cached = c->img.n_cached;
     return 0;
 }
 

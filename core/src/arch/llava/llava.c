@@ -9,6 +9,7 @@
 #include "image/image.h"
 #include "model/gguf_util.h"
 #include "runtime/context.h"
+#include "runtime/image_cache.h"
 #include "runtime/stages.h"
 #include "vocab/vocab.h"
 
@@ -353,6 +354,11 @@ static int32_t llava_encode(struct vtrim_context * c, struct vtrim_image * const
     if (rc == 0 && !pixels) {
         rc = vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for pixels");
     }
+    // an encoder reduction makes the rows depend on its parameters too: no cache then
+    bool cacheable = m->image_cache != NULL;
+    for (int32_t i = 0; i < c->policies.n; i++) {
+        cacheable &= c->policies.items[i].r->hook != VTRIM_HOOK_VISION_ENCODER;
+    }
     size_t off = 0;
     for (int32_t i = 0; i < n_images && rc == 0; i++) {
         int64_t n_out = 0;
@@ -360,7 +366,17 @@ static int32_t llava_encode(struct vtrim_context * c, struct vtrim_image * const
             vtrim_fail_prefix(rc, "image %d: ", i);
             break;
         }
-        rc = encode_one(c, v, pixels, c->img.embd + off * n_embd, &c->img.n_rows[i], c->img.src + off);
+        float * embd = c->img.embd + off * n_embd;
+        const uint64_t key = cacheable ? vtrim_image_cache_key(pixels, n_pix) : 0;
+        if (cacheable && vtrim_image_cache_get(m->image_cache, key, (int32_t) n_embd, v->hp.n_image_tokens, embd,
+                                               c->img.src + off, &c->img.n_rows[i])) {
+            c->img.n_cached++;
+        } else {
+            rc = encode_one(c, v, pixels, embd, &c->img.n_rows[i], c->img.src + off);
+            if (rc == 0 && cacheable) {
+                vtrim_image_cache_put(m->image_cache, key, (int32_t) n_embd, c->img.n_rows[i], embd, c->img.src + off);
+            }
+        }
         off += (size_t) c->img.n_rows[i];
     }
     c->img.n_images = rc == 0 ? n_images : 0;
