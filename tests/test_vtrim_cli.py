@@ -135,8 +135,9 @@ def test_interactive_recovers_from_a_full_context(llava_tiny, image_path: Path) 
 
 
 def test_ctrl_c_stops_the_answer_not_the_session(llava_tiny, image_path: Path) -> None:
+    # One thread: see tests/test_cli.py's Ctrl-C test.
     rc, err = interrupt_first_answer(
-        [_vtrim_cli(), "-m", str(llava_tiny.gguf), "--image", str(image_path), "-n", "400", "-t", "2",
+        [_vtrim_cli(), "-m", str(llava_tiny.gguf), "--image", str(image_path), "-n", "400", "-t", "1",
          "-c", "2048"], then=QUESTION + "\n\n")
     assert rc == 0, err
     assert "stopped: interrupted" in err and err.count("stopped:") == 2
@@ -198,3 +199,37 @@ def test_ficoco_l_refused_by_the_model(llava_tiny, image_path: Path) -> None:
     """The default start layer (4) does not fit the 2-layer model: the library's reason, before any answer."""
     r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", QUESTION, "--ficoco-l", "6"])
     assert r.returncode != 0 and "start_layer=4" in r.stderr and r.stdout == "", r.stderr
+
+
+def test_fastv_flag(llava_tiny, image_path: Path) -> None:
+    """--fastv K:R answers as the Python API with FastV(k=K, ratio=R)."""
+    r = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", QUESTION, "-n", "8", "-t", "2",
+              "-c", "1024", "--fastv", "1:0.5"])
+    assert r.returncode == 0, r.stderr
+    with pyvtrim.Model(llava_tiny.gguf, n_ctx=1024, n_threads=2) as m:
+        expected = m.chat(str(image_path), QUESTION, max_tokens=8, reduce=pyvtrim.FastV(k=1, ratio=0.5))
+        kept = m.last_stats["n_image_tokens_kept"]
+    assert r.stdout == expected + "\n"
+    assert f"({kept} kept)" in r.stderr
+    for bad in ("2", "0:0.5", "x:0.5", "2:", "2:y"):
+        b = _run(["-m", str(llava_tiny.gguf), "-p", "hi", "--fastv", bad])
+        assert b.returncode == 2 and "--fastv" in b.stderr, (bad, b.stderr)
+    far = _run(["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", "hi", "--fastv", "9:0.5"])
+    assert far.returncode == 1 and "--fastv" in far.stderr, far.stderr
+
+
+def test_trim_flag(mllama_tiny, tmp_path: Path) -> None:
+    """--trim K_RATIO answers as the Python API with TrimCrossAttn(k_ratio=K_RATIO); LLaVA refuses it."""
+    import numpy as np
+    from PIL import Image
+
+    img = tmp_path / "tile.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(28, 56, 3), dtype=np.uint8)).save(img)
+    r = _run(["-m", str(mllama_tiny.gguf), "--image", str(img), "-p", QUESTION, "-n", "6", "-t", "2",
+              "-c", "1024", "--trim", "0.5"])
+    assert r.returncode == 0, r.stderr
+    with pyvtrim.Model(mllama_tiny.gguf, n_ctx=1024, n_threads=2) as m:
+        expected = m.chat(str(img), QUESTION, max_tokens=6, reduce=pyvtrim.TrimCrossAttn(k_ratio=0.5))
+    assert r.stdout == expected + "\n"
+    bad = _run(["-m", str(mllama_tiny.gguf), "--image", str(img), "-p", "hi", "--trim", "0"])
+    assert bad.returncode == 1 and "--trim" in bad.stderr, bad.stderr

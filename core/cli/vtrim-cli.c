@@ -22,6 +22,10 @@ struct options {
     float temperature, top_p;
     unsigned long long seed;
     float vlcache;          // VL-Cache budget; < 0: off
+    long fastv_k;           // FastV's layer K; 0: off
+    float fastv_ratio;      // FastV's dropped fraction
+    float trim;             // Trimmed Llama's k_ratio, when has_trim
+    bool has_trim;
     bool no_mmap;
 };
 
@@ -43,6 +47,10 @@ static const char * k_usage =
     "      --top-k K        top-k filter when sampling (default 40; 0: off)\n"
     "      --top-p P        top-p filter when sampling (default 0.95; 1: off)\n"
     "      --seed S         sampling seed (default 0)\n"
+    "      --fastv K:R      FastV: drop the fraction R of the image tokens after decoder layer K (e.g. 2:0.5;\n"
+    "                       LLaVA)\n"
+    "      --trim K_RATIO   Trimmed Llama: each head keeps its top K_RATIO of the cross-attended image\n"
+    "                       features (e.g. 0.25; Llama-3.2-Vision)\n"
     "      --ficoco-v N[:L] FiCoCo-V: merge each image's patches inside the vision tower down to N tokens,\n"
     "                       from vision layer L on (default 12; e.g. 64 or 64:12; LLaVA)\n"
     "      --ficoco-l N[:L] FiCoCo-L: merge each image's tokens inside the decoder, from layer L on\n"
@@ -79,6 +87,23 @@ static int parse_long(const char * argv0, const char * opt, const char * v, long
     }
     *out = x;
     return 0;
+}
+
+// K:R, K >= 1 (the library checks it against the model's layers), R a number.
+static int parse_fastv(const char * argv0, const char * opt, const char * v, long * k, float * ratio) {
+    char * end = NULL;
+    errno = 0;
+    const long n = strtol(v, &end, 10);
+    if (!errno && end != v && *end == ':' && n >= 1 && n <= INT_MAX) {
+        const char * r = end + 1;
+        const float x = strtof(r, &end);
+        if (!errno && end != r && *end == '\0') {
+            *k = n;
+            *ratio = x;
+            return 0;
+        }
+    }
+    return bad_value(argv0, opt, v, "K:R (layer K >= 1, fraction R dropped), e.g. 2:0.5");
 }
 
 static int parse_float(const char * argv0, const char * opt, const char * v, float lo, float hi, float * out) {
@@ -156,6 +181,12 @@ static int parse(int argc, char ** argv, struct options * o) {
         else if (!strcmp(a, "--ficoco-l")) rc = parse_tokens_layer(argv0, a, v, &o->ficoco_l, &o->ficoco_l_start);
         // the library says why a budget outside (0, n_layer] does not fit the model
         else if (!strcmp(a, "--vlcache")) rc = parse_float(argv0, a, v, 0.0f, 1e6f, &o->vlcache);
+        else if (!strcmp(a, "--fastv")) rc = parse_fastv(argv0, a, v, &o->fastv_k, &o->fastv_ratio);
+        // the library says why a k_ratio outside (0, 1] or a model without cross-attention does not fit
+        else if (!strcmp(a, "--trim")) {
+            rc = parse_float(argv0, a, v, -1e6f, 1e6f, &o->trim);
+            o->has_trim = true;
+        }
         else if (!strcmp(a, "--seed")) {
             char * end = NULL;
             errno = 0;
@@ -413,10 +444,22 @@ int main(int argc, char ** argv) {
     struct vtrim_vlcache_params vp;
     vtrim_vlcache_default(&vp);
     vp.budget = o.vlcache;
+    struct vtrim_fastv_params fp;
+    vtrim_fastv_default(&fp);
+    fp.k = (int32_t) o.fastv_k;
+    fp.ratio = o.fastv_ratio;
+    struct vtrim_trim_params tp;
+    vtrim_trim_default(&tp);
+    tp.k_ratio = o.trim;
+    // in pyvtrim chat's order: the vision tower's reduction, then the decoder's, then the cache's
     if (vtrim_context_init(model, &cp, &ctx) != 0) {
         rc = fail("context");
     } else if (o.ficoco_v > 0 && vtrim_reduce_add_ficoco_v(ctx, &fv) != 0) {
         rc = fail("--ficoco-v");
+    } else if (o.fastv_k > 0 && vtrim_reduce_add_fastv(ctx, &fp) != 0) {
+        rc = fail("--fastv");
+    } else if (o.has_trim && vtrim_reduce_add_trim(ctx, &tp) != 0) {
+        rc = fail("--trim");
     } else if (o.ficoco_l > 0 && vtrim_reduce_add_ficoco_l(ctx, &fl) != 0) {
         rc = fail("--ficoco-l");
     } else if (o.vlcache >= 0.0f && vtrim_reduce_add_vlcache(ctx, &vp) != 0) {
