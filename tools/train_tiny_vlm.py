@@ -362,7 +362,11 @@ def main(argv=None):
                     help="weight of the per-patch shape loss in the dense objective (shape is the slow one)")
     ap.add_argument("--lr2", type=float, default=2e-3)
     ap.add_argument("--lr3", type=float, default=5e-4)
-    ap.add_argument("--curriculum", type=int, default=200, help="stage-2 steps on scenes of <= 3 objects")
+    ap.add_argument("--curriculum", type=int, default=200,
+                    help="stage-2 steps per curriculum level: scenes of <= --curriculum-start objects for the first "
+                         "this many steps, one object more per such span after, then all scenes")
+    ap.add_argument("--curriculum-start", type=int, default=3,
+                    help="the first level's object cap (1: one object first, where the answer needs no search)")
     ap.add_argument("--eval-every", type=int, default=400)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -488,7 +492,8 @@ def main(argv=None):
     # Stage 2: projector + decoder on the questions, tower frozen.
 
     def step2(step):
-        mo = 3 if step < args.curriculum else sv.MAX_OBJECTS
+        mo = sv.MAX_OBJECTS if args.curriculum <= 0 else min(sv.MAX_OBJECTS,
+                                                                args.curriculum_start + step // args.curriculum)
         _, px, groups = pool.batch_groups(args.batch, args.per_image, max_objects=mo)
         with torch.no_grad():
             feats = trainer.vision_features(torch.from_numpy(px).to(device))
@@ -503,7 +508,7 @@ def main(argv=None):
                        seconds=60.0 * args.minutes2)
     summary["stage2"] = dict(steps=n2, minutes_budget=args.minutes2, seconds=round(t2, 1), batch=args.batch,
                              per_image=args.per_image,
-                             curriculum=args.curriculum)
+                             curriculum=args.curriculum, curriculum_start=args.curriculum_start)
     evaluate("stage2")
     model.save_pretrained(str(out), safe_serialization=True)  # a usable checkpoint if stage 3 is cut short
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
