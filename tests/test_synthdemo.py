@@ -19,7 +19,8 @@ except pyvtrim.VtrimLibraryError as e:
 
 from test_api import _cli, _run  # noqa: E402
 
-# The shipped model's accuracy on test_shipped_model_reads_the_image's 80 questions must reach this.
+# The shipped model's accuracy on test_shipped_model_reads_the_image's 60 questions must reach this
+# (issue 14's target for a shipped model is >= 90% held out).
 ACC_MIN = 0.8
 
 
@@ -55,13 +56,13 @@ def test_cli_demo_mechanics(llava_tiny, tmp_path: Path) -> None:
 
 def test_shipped_model_reads_the_image() -> None:
     """The shipped trained model (pyvtrim/data/tiny-llava-synthvqa.gguf, when this installation has one) in the
-    runtime: most of 80 questions of a seed it was not trained or checked on (2000) right, far fewer with a blank
-    image. The thresholds sit below what tools/train_tiny_vlm.py measured (README "A trained tiny VLM for
+    runtime: most of 60 questions of a seed it was not trained or checked on (2000) right, far fewer with a blank
+    image. The thresholds sit below the shipping target (>= 90% held out, README "A trained tiny VLM for
     fidelity"), so a runtime change that breaks the vision path or the prompt's layout fails here."""
     path = synthdemo.trained_model_path()
     if path is None:
         pytest.skip("this installation ships no trained model")
-    qa = sv.held_out(2000, 80)
+    qa = sv.held_out(2000, 60)
     with pyvtrim.Model(str(path), n_ctx=512, n_threads=2) as m:
         def accuracy(blank: bool) -> float:
             ok = 0
