@@ -19,6 +19,10 @@ except pyvtrim.VtrimLibraryError as e:
 
 from test_api import _cli, _run  # noqa: E402
 
+# The shipped model's accuracy on test_shipped_model_reads_the_image's 60 questions must reach this
+# (issue 14's target for a shipped model is >= 90% held out).
+ACC_MIN = 0.8
+
 
 def test_patch_grid_marks_objects_and_kept_patches() -> None:
     scene = sv.sample(5, 0)
@@ -48,3 +52,27 @@ def test_cli_demo_mechanics(llava_tiny, tmp_path: Path) -> None:
     assert len(grids) == 10  # the picture, then what FastV kept
     kept_cells = sum(ch.isupper() or ch == "+" for ln in grids[5:] for ch in ln.split())
     assert kept_cells == 12
+
+
+def test_shipped_model_reads_the_image() -> None:
+    """The shipped trained model (pyvtrim/data/tiny-llava-synthvqa.gguf, when this installation has one) in the
+    runtime: most of 60 questions of a seed it was not trained or checked on (2000) right, far fewer with a blank
+    image. The thresholds sit below the shipping target (>= 90% held out, README "A trained tiny VLM for
+    fidelity"), so a runtime change that breaks the vision path or the prompt's layout fails here."""
+    path = synthdemo.trained_model_path()
+    if path is None:
+        pytest.skip("this installation ships no trained model")
+    qa = sv.held_out(2000, 60)
+    with pyvtrim.Model(str(path), n_ctx=512, n_threads=2) as m:
+        def accuracy(blank: bool) -> float:
+            ok = 0
+            for scene, q in qa:
+                image = sv.blank_image() if blank else scene.image
+                ans = synthdemo.ask(m, sv.Scene(scene.seed, scene.index, image, scene.objects, scene.object_map),
+                                    [q])[0]
+                ok += ans.correct
+            return ok / len(qa)
+
+        seen, blank = accuracy(False), accuracy(True)
+    assert seen >= ACC_MIN, seen
+    assert blank <= seen - 0.3, (seen, blank)

@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from pyvtrim import synthvqa as sv  # noqa: E402
 
-DEFAULT_MODEL = REPO / "pyvtrim" / "data" / "tiny-llava-synthvqa-f16.gguf"
+DEFAULT_MODEL = REPO / "pyvtrim" / "data" / "tiny-llava-synthvqa.gguf"
 DEFAULT_CONFIGS = ("unreduced,blank,hf,fastv:2:0.5,fastv:2:0.75,fastv:2:0.9,"
                    "random:2:0.5,random:2:0.75,random:2:0.9")
 N_IMAGE = 144
