@@ -7,6 +7,7 @@ build's vtrim-unit-tests, looked for in $VTRIM_UNIT_TESTS, next to $VTRIM_LIBRAR
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -72,15 +73,22 @@ def test_four_threads_four_contexts_one_model(fixture, request):
 
 
 def test_load_and_context_cycles_do_not_grow(llava_tiny):
-    """tests/c/test_cycles.c: 300 model load/free and 300 context create/prefill/free cycles. The private
-    resident set (file-backed pages, the mapped weights among them, excluded) may grow by less than 4 MiB
-    after the first 10 cycles (allocator noise: 64 KiB over 190 cycles measured):
-    a leak of 14 KiB or more per cycle, far less than any buffer of a model or context, fails."""
+    """tests/c/test_cycles.c: 300 model load/free and 300 context create/prefill/free cycles. After the first 10
+    cycles, the heap bytes in use (glibc's count) may grow by less than 256 KiB: a leak of 1 KiB or more per
+    cycle fails (measured: +9 KiB over 290 context cycles). The private resident set may grow by less than
+    16 MiB: it also moves with glibc's own choices (a raised mmap threshold keeps freed compute buffers:
+    +4.6 to +6 MiB measured on some fixtures, with the heap in use flat and 0 bytes lost under valgrind), and
+    a leak of a model's or a context's buffers (MiBs each, 290 times) is far above it."""
     exe = _built("vtrim-cycles-test")
     if exe is None:
         pytest.skip("vtrim-cycles-test not built (CMake target of VTRIM_BUILD_TESTS)")
     r = subprocess.run([str(exe), str(llava_tiny.gguf), "300", "300"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    for line in r.stdout.splitlines():
-        warm, end = [int(t) for t in line.split() if t.isdigit()][-2:]   # "... rss A KiB after 10, B KiB ..."
-        assert end - warm < 4096, line
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2, r.stdout
+    for line in lines:
+        # "...: heap A KiB after 10, B KiB after all; rss C KiB after 10, D KiB after all"
+        heap_warm, heap_end, rss_warm, rss_end = [int(t) for t in re.findall(r"(-?\d+) KiB", line)]
+        if heap_warm >= 0:
+            assert heap_end - heap_warm < 256, line
+        assert rss_end - rss_warm < 16384, line
