@@ -202,14 +202,10 @@ static int32_t grow(void ** p, size_t * cap, size_t need) {
     return 0;
 }
 
-// Tensor t of the input, as f32 rows in j->f32.
-static int32_t read_f32(struct job * j, int64_t t, const struct ggml_tensor * w, const char * path) {
+// Tensor t's bytes as stored, in j->buf.
+static int32_t read_raw(struct job * j, int64_t t, const struct ggml_tensor * w, const char * path) {
     const size_t nb = ggml_nbytes(w);
-    const int64_t n = ggml_nelements(w);
-    int32_t rc = grow(&j->buf, &j->cap_buf, nb);
-    if (rc == 0) {
-        rc = grow((void **) &j->f32, &j->cap_f32, sizeof(float) * (size_t) n);
-    }
+    const int32_t rc = grow(&j->buf, &j->cap_buf, nb);
     if (rc < 0) {
         return rc;
     }
@@ -217,12 +213,25 @@ static int32_t read_f32(struct job * j, int64_t t, const struct ggml_tensor * w,
     if (fseek(j->in, (long) off, SEEK_SET) != 0 || fread(j->buf, 1, nb, j->in) != nb) {
         return vtrim_fail(VTRIM_ERR_IO, "quantize: cannot read tensor '%s' from '%s'", ggml_get_name(w), path);
     }
+    return 0;
+}
+
+// Tensor t of the input, as f32 rows in j->f32.
+static int32_t read_f32(struct job * j, int64_t t, const struct ggml_tensor * w, const char * path) {
+    const int64_t n = ggml_nelements(w);
+    int32_t rc = grow((void **) &j->f32, &j->cap_f32, sizeof(float) * (size_t) n);
+    if (rc == 0) {
+        rc = read_raw(j, t, w, path);
+    }
+    if (rc < 0) {
+        return rc;
+    }
     if (w->type == GGML_TYPE_F16) {
         ggml_fp16_to_fp32_row(j->buf, j->f32, n);
     } else if (w->type == GGML_TYPE_BF16) {
         ggml_bf16_to_fp32_row(j->buf, j->f32, n);
     } else {
-        memcpy(j->f32, j->buf, nb);
+        memcpy(j->f32, j->buf, ggml_nbytes(w));
     }
     return 0;
 }
@@ -316,11 +325,7 @@ static int32_t run(struct job * j, const char * in_path, const char * out_path, 
         r->bytes_in += (int64_t) ggml_nbytes(w);
         if (types[t] == w->type) {   // copied unchanged
             size = ggml_nbytes(w);
-            rc = grow(&j->buf, &j->cap_buf, size);
-            const size_t off = gguf_get_data_offset(j->src) + gguf_get_tensor_offset(j->src, t);
-            if (rc == 0 && (fseek(j->in, (long) off, SEEK_SET) != 0 || fread(j->buf, 1, size, j->in) != size)) {
-                rc = vtrim_fail(VTRIM_ERR_IO, "quantize: cannot read tensor '%s' from '%s'", name, in_path);
-            }
+            rc = read_raw(j, t, w, in_path);
             data = j->buf;
         } else {
             rc = read_f32(j, t, w, in_path);
