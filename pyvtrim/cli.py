@@ -116,10 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="quantize a GGUF's weight matrices (ggml's quantizers)")
     quant.add_argument("src", help="GGUF with f32/f16/bf16 weights (a model, a text file or an mmproj)")
     quant.add_argument("dst")
-    quant.add_argument("type", choices=["q8_0", "q6_K", "q5_K_M", "q4_K_M", "q4_0"],
+    quant.add_argument("type", choices=["q8_0", "q6_K", "q5_K_M", "q4_K_M", "q4_0", "bf16"],
                        help="the text tower's type (llama.cpp's per-tensor rules for it)")
     quant.add_argument("--vision-type", default="q8_0",
-                       choices=["q8_0", "f16", "same", "q6_K", "q5_K_M", "q4_K_M", "q4_0"],
+                       choices=["q8_0", "f16", "bf16", "same", "q6_K", "q5_K_M", "q4_K_M", "q4_0"],
                        help="the vision tower and projector (same: the text's base type)")
     quant.add_argument("--threads", type=_int_at_least(1), default=None)
 

@@ -8,7 +8,11 @@ the whole prompt gives (within float rounding of a different batch split). With 
 ranks the image tokens by the whole new prompt (FastV: by its last token), which the held cache did not see,
 so a reduced part is never reused: while a reduction is requested, or where the held cache was reduced, only
 the part before the first image is kept. Llama-3.2-Vision keeps its images outside the KV cache
-(cross-attention states): no reuse there (every request prefills afresh).
+(cross-attention states): a follow-up that brings no new image reuses the held conversation (the cross cache
+stays; the new rows see the last image, as in a fresh prefill); one that brings an image prefills afresh,
+because HF's rows before the first image attend to every image of the prompt (uniformly), so a new image
+changes earlier rows. The tower's output of each image is in the model's image cache then, so an image seen
+before is not encoded again.
 """
 
 from __future__ import annotations
@@ -69,10 +73,15 @@ def _held_prefix(s: "Session", tokens: List[int], keys: List[str], limit: int) -
     return n
 
 
+def _images_in_kv(s: "Session") -> bool:
+    """Whether an image's tokens are decoder rows (LLaVA), rather than a token that cross-attends (mllama)."""
+    return s.info.get("arch") != "mllama"
+
+
 def _positions(s: "Session", tokens: Sequence[int]) -> int:
     """Positions tokens take in the decoder (LLaVA: an image placeholder is n_image_tokens rows)."""
     n_img = sum(1 for t in tokens if t == s.image_token_id)
-    rows = int(s.info.get("n_image_tokens", 1)) if s.info.get("arch") != "mllama" else 1
+    rows = int(s.info.get("n_image_tokens", 1)) if _images_in_kv(s) else 1
     return len(tokens) + n_img * (rows - 1)
 
 
@@ -90,6 +99,9 @@ def prepare(s: "Session", messages: Any, reduce: Any) -> Dict[str, Any]:
     s._apply_reduce(policies)
     n_keep = _held_prefix(s, tokens, keys, first_image if policies else len(tokens))
     n_keep = min(n_keep, len(tokens) - 1)   # at least one token is prefilled: it gives the logits
+    n_img_kept = sum(1 for t in tokens[:n_keep] if t == image_id)
+    if images[n_img_kept:] and not _images_in_kv(s):
+        n_keep = 0
     kept_positions = _positions(s, tokens[:n_keep])
     if n_keep > 0:
         try:

@@ -4,7 +4,7 @@
     pyvtrim.quantize("mmproj-f16.gguf", "mmproj-q8_0.gguf", "q8_0")        # each file of a two-file model
 
 The text tower's matrices follow llama.cpp's per-tensor rules for the type; the vision tower and projector
-take `vision_type` ("q8_0", "f16", "same" or a type); norms, biases and the vision embeddings are copied.
+take `vision_type` ("q8_0", "f16", "same" or a type; "bf16" keeps every matrix in bf16); norms, biases and the vision embeddings are copied.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Dict, Optional
 from . import _ffi
 from .errors import VtrimValueError, check
 
-TYPES = {"q8_0": 0, "q6_K": 1, "q5_K_M": 2, "q4_K_M": 3, "q4_0": 4}          # enum vtrim_quant_type
+TYPES = {"q8_0": 0, "q6_K": 1, "q5_K_M": 2, "q4_K_M": 3, "q4_0": 4, "bf16": 6}   # enum vtrim_quant_type
 VISION_TYPES = dict(TYPES, f16=5, same=-1)
 
 

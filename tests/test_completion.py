@@ -237,18 +237,79 @@ def test_corrupt_image_missing_file_and_oversized_prompt(model, tmp_path) -> Non
     assert model.create_chat_completion([user("What is it?")], max_tokens=2)["usage"]["completion_tokens"] <= 2
 
 
-def test_mllama_completions_run_and_prefill_afresh(mllama_tiny) -> None:
-    """Llama-3.2-Vision keeps its images in cross-attention caches: no prefix reuse, each request prefills the
-    whole conversation, and the answer equals a fresh session's."""
+@pytest.fixture(scope="module")
+def mllama_model(mllama_tiny):
     with pyvtrim.Model(str(mllama_tiny.gguf), n_ctx=512, kv_type="f32", n_threads=1) as m:
-        s = m.session()
-        first = s.create_chat_completion([user("What is it?")], max_tokens=4)
-        assert first["usage"]["pyvtrim"]["n_images"] == 1
-        conv = [user("What is it?"), {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
-                {"role": "user", "content": "And then?"}]
-        second = s.create_chat_completion(conv, max_tokens=4)
-        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-        fresh = m.session().create_chat_completion(conv, max_tokens=4)
-        assert fresh["choices"] == second["choices"]
-        with pytest.raises(ValueError, match="system message"):
-            s.create_chat_completion([{"role": "system", "content": "Be brief."}, user("What is it?")])
+        yield m
+
+
+def other_image_url() -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(255 - IMAGE)).decode()
+
+
+def test_mllama_follow_up_reuses_the_conversation(mllama_model) -> None:
+    """Llama-3.2-Vision keeps its image in the cross-attention cache: a text follow-up keeps the held
+    conversation (no encode, only the new tokens prefilled) and gives a fresh prefill's logits."""
+    m = mllama_model
+    s, fresh = m.session(), m.session()
+    first = s.create_chat_completion([user("What is it?")], max_tokens=4)
+    assert first["usage"]["pyvtrim"]["n_images"] == 1
+    conv = [user("What is it?"), {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+            {"role": "user", "content": "And then?"}]
+    counts = completion.prepare(s, conv, None)
+    assert counts["n_cached"] > 0
+    assert s.last_stats["n_images"] == 0 and s.last_stats["t_encode_ms"] == 0
+    reused = s.logits()
+    assert completion.prepare(fresh, conv, None)["n_cached"] == 0
+    # the same math on the same caches (f32); only the split of the prompt into prefill calls differs
+    np.testing.assert_allclose(reused, fresh.logits(), rtol=1e-4, atol=1e-4)
+    again = s.create_chat_completion(conv, max_tokens=4)
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == counts["n_prompt"] - 1
+    assert again["choices"] == fresh.create_chat_completion(conv, max_tokens=4)["choices"]
+    s.close()
+    fresh.close()
+
+
+def test_mllama_new_image_in_a_later_turn(mllama_tiny, mllama_model) -> None:
+    """An image in a later turn: a fresh prefill of the whole conversation (HF's rows before the first image
+    attend to every image), the first image taken from the image cache, the second encoded; the logits equal
+    a model without the cache (the cached tower output is the tower's output, bit for bit)."""
+    conv = [user("What is it?"), {"role": "assistant", "content": "A square."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": other_image_url()}},
+                                         {"type": "text", "text": "And this one?"}]}]
+    s = mllama_model.session()
+    s.create_chat_completion([user("What is it?")], max_tokens=2)
+    counts = completion.prepare(s, conv, None)
+    assert counts["n_cached"] == 0
+    assert s.last_stats["n_images"] == 2 and s.last_stats["n_images_cached"] >= 1
+    with pyvtrim.Model(str(mllama_tiny.gguf), n_ctx=512, kv_type="f32", n_threads=1, image_cache_mib=0) as plain:
+        p = plain.session()
+        completion.prepare(p, conv, None)
+        assert p.last_stats["n_images_cached"] == 0
+        np.testing.assert_array_equal(s.logits(), p.logits())
+        p.close()
+    s.close()
+
+
+def test_mllama_truncation_keeps_the_image_token(mllama_model) -> None:
+    """vtrim_context_truncate on Llama-3.2-Vision: rows after the image's token may go, the image's may not."""
+    s = mllama_model.session()
+    completion.prepare(s, [user("What is it?")], None)
+    tokens = s._held.tokens
+    image_at = tokens.index(s.image_token_id)
+    with pytest.raises(pyvtrim.VtrimUnsupportedError, match="image token"):
+        s._truncate(image_at)
+    s._truncate(image_at + 1)
+    s._prefill(tokens[image_at + 1:], [])
+    kept = s.logits()
+    s._reset()
+    s._prefill(tokens, [IMAGE])
+    np.testing.assert_allclose(kept, s.logits(), rtol=1e-4, atol=1e-4)
+    s.close()
+
+
+def test_mllama_system_message_with_an_image_is_refused_by_the_session(mllama_model) -> None:
+    s = mllama_model.session()
+    with pytest.raises(ValueError, match="system message"):
+        s.create_chat_completion([{"role": "system", "content": "Be brief."}, user("What is it?")])
+    s.close()

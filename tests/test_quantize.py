@@ -6,7 +6,7 @@ stock 64-wide fixture exercises the fallbacks), with weights N(0, 0.04^2): at th
 network this wide amplifies any perturbation (f16 alone then moves the logits by 0.3% of their range, q8_0
 by 8%), which would hide a broken type behind the noise. Measure: NMSE of the logits (a prefill with an
 image and 4 decode steps) against the f32 model, sum (a - b)^2 / sum a^2, as ggml's test-backend-ops. Measured
-on this fixture: f16 6.7e-7, q8_0 4.3e-4, q6_K 2.8e-3, q5_K_M 1.0e-2, q4_K_M 3.0e-2, q4_0 6.4e-2; the bounds
+on this fixture: f16 6.7e-7, bf16 4.9e-5 (the converter's file 5.2e-5: its conv kernel stays f16), q8_0 4.3e-4, q6_K 2.8e-3, q5_K_M 1.0e-2, q4_K_M 3.0e-2, q4_0 6.4e-2; the bounds
 are about twice these. A tensor in a wrong block layout or of a wrong type gives an NMSE near 1 or above.
 """
 
@@ -25,6 +25,7 @@ from pyvtrim import native_cli
 from peer_env import peer_python
 
 NMSE_BOUND = {"q8_0": 1e-3, "q6_K": 6e-3, "q5_K_M": 2e-2, "q4_K_M": 6e-2, "q4_0": 0.13}
+BF16_BOUND = 1e-4
 DECODE = [17, 250, 3, 99]
 
 
@@ -67,6 +68,28 @@ def test_each_type_loads_runs_and_stays_close(wide, f32_logits, tmp_path, qtype)
     r = pyvtrim.quantize(wide.gguf, out, qtype)
     assert r["n_quantized"] > 0 and r["n_fallback"] == 0 and r["bytes_out"] < r["bytes_in"]
     assert _nmse(_logits(out), f32_logits) <= NMSE_BOUND[qtype]
+
+
+def test_bf16_from_the_converter_and_from_the_quantizer(wide, f32_logits, tmp_path):
+    """bf16 (8 mantissa bits against f16's 11): the converter's --outtype bf16 and vtrim_quantize's bf16 from
+    the f32 file write the same matrices (both round to nearest even), every matrix bf16, and the logits
+    stay within BF16_BOUND of f32's."""
+    q = tmp_path / "m-bf16.gguf"
+    r = pyvtrim.quantize(wide.gguf, q, "bf16", vision_type="bf16")
+    assert r["n_fallback"] == 0 and r["bytes_out"] < 0.6 * r["bytes_in"]
+    conv = wide.gguf_path("bf16")
+    tq, tc = _types(q), _types(conv)
+    matrices = [n for n, t in tc.items() if t == "BF16"]
+    assert "blk.0.attn_q.weight" in matrices and "v.blk.0.attn_q.weight" in matrices and "output.weight" in matrices
+    assert all(tq[n] == "BF16" for n in matrices)
+    from gguf import GGUFReader
+
+    data_q = {t.name: np.asarray(t.data) for t in GGUFReader(str(q)).tensors}
+    for t in GGUFReader(str(conv)).tensors:
+        if t.name in matrices:
+            np.testing.assert_array_equal(np.asarray(t.data), data_q[t.name], err_msg=t.name)
+    assert _nmse(_logits(q), f32_logits) <= BF16_BOUND
+    assert _nmse(_logits(conv), f32_logits) <= BF16_BOUND
 
 
 def test_q8_0_greedy_tokens_equal_f16(wide):

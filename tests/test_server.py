@@ -7,6 +7,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -216,3 +217,36 @@ def test_bounded_load(server) -> None:
         time.sleep(0.1)
     h = server.get("/health")
     assert (h["status"], h["busy"], h["waiting"]) == ("ok", 0, 0)
+
+
+def test_ctrl_c_stops_a_running_generation_and_the_server(llava_tiny) -> None:
+    """SIGINT while a stream is open: the generation stops at its next step (uvicorn alone would wait for it)
+    and the server exits with 130 (Ctrl-C's status, as every pyvtrim command), no traceback."""
+    s = Server(llava_tiny.gguf, parallel=1, queue=1)
+    try:
+        client = openai.OpenAI(base_url=s.base + "/v1", api_key="none", max_retries=0, timeout=60)
+        ask = dict(model="tiny", messages=[user("Talk.")], max_tokens=400, temperature=1.0, seed=1)
+        # the same request, run to its end, is long: so a short stream below was cut by the signal
+        assert client.chat.completions.create(**ask).usage.completion_tokens >= 390
+        stream = client.chat.completions.create(**ask, stream=True)
+        chunks = iter(stream)
+        for _ in range(3):
+            next(chunks)
+        t0 = time.time()
+        s.proc.send_signal(signal.SIGINT)
+        rest = 0
+        try:
+            for _chunk in chunks:
+                rest += 1
+        except (openai.APIError, OSError):
+            pass   # the connection may be cut rather than ended
+        rc = s.proc.wait(timeout=30)
+        took = time.time() - t0
+        out = s.proc.stdout.read()
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+    assert rc == 130, out
+    assert "Traceback" not in out, out
+    assert rest < 390, rest   # cancelled, not run to max_tokens
+    assert took < 30

@@ -133,6 +133,17 @@ def normalize(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+LABELS = ("colour", "shape", "size", "centre", "row", "col")
+LABEL_CLASSES = (sv.N_COLOUR_CLASSES, sv.N_SHAPE_CLASSES, sv.N_SIZE_CLASSES, 2, 12, 12)
+
+
+def scene_labels(s: sv.Scene) -> np.ndarray:
+    """[6, 144] int: per patch the LABELS (colour, shape and size of the object there, its centre, row, column)."""
+    lab = sv.patch_labels(s, PATCH)
+    row, col = np.divmod(np.arange(N_PATCHES), sv.IMAGE_SIZE // PATCH)
+    return np.stack([lab.colour, lab.shape, lab.size, lab.centre, row, col])
+
+
 class Pool:
     """A fixed set of training scenes (images, per-patch labels), questions drawn afresh each time."""
 
@@ -146,11 +157,8 @@ class Pool:
             imgs, labs, objs = [], [], []
             for i in range(n):
                 s = sv.sample(seed, i)
-                lab = sv.patch_labels(s, PATCH)
-                g = sv.IMAGE_SIZE // PATCH
-                row, col = np.divmod(np.arange(N_PATCHES), g)
                 imgs.append(s.image)
-                labs.append(np.stack([lab.colour, lab.shape, lab.size, lab.centre, row, col]))
+                labs.append(scene_labels(s))
                 objs.append(s.objects)
             self.images, self.labels = np.stack(imgs), np.stack(labs).astype(np.int8)
             self.objects = objs
@@ -193,8 +201,47 @@ class Pool:
 # ------------------------------------------------------------------------------------------------
 
 
+def SymbolicTokens(d: int, tie=None):
+    """Image tokens made of the true per-patch labels: a sum of one learned row per label (colour, shape, size,
+    centre, row, column). The decoder learns to answer from these first (stage 0, no vision tower in the loop,
+    so steps are cheap and the retrieval is learnt from clean keys); the projector is then trained to produce
+    them from the tower's features (stage 1c). What an image token carries stays its own patch's facts.
+
+    tie: (the decoder's token embedding, {label index: token ids of its classes 1..}) to use the words' own
+    embedding rows (scaled by a learned factor) for the colour, shape and size of a patch: the question's
+    "red" then finds the red patches by the same vector, as LLaVA's projector maps into the word space."""
+    import torch
+
+    class _Symbolic(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tables = torch.nn.ModuleList(torch.nn.Embedding(n, d) for n in LABEL_CLASSES)
+            for t in self.tables:
+                torch.nn.init.normal_(t.weight, 0.0, d ** -0.5)
+            object.__setattr__(self, "_word", tie[0] if tie else None)   # not a submodule: the decoder's
+            self.tied = {}
+            if tie:
+                for j, ids in tie[1].items():
+                    self.register_buffer(f"ids{j}", torch.tensor([0] + list(ids)))
+                    self.tied[j] = f"ids{j}"
+                self.scale = torch.nn.Parameter(torch.tensor(float(d ** -0.5 / 0.02)))
+
+        def forward(self, labels):  # [B, 6, 144] -> [B, 144, d]
+            out = 0
+            for j, t in enumerate(self.tables):
+                y = labels[:, j]
+                e = t(y)
+                if j in self.tied:
+                    w = self._word(getattr(self, self.tied[j])[y]) * self.scale
+                    e = torch.where((y > 0).unsqueeze(-1), w, e)
+                out = out + e
+            return out
+
+    return _Symbolic()
+
+
 class Trainer:
-    def __init__(self, model, prompts: Prompts, device, shape_weight: float = 1.0):
+    def __init__(self, model, prompts: Prompts, device, shape_weight: float = 1.0, tie_words: bool = False):
         import torch
 
         self.torch, self.model, self.prompts, self.device = torch, model, prompts, device
@@ -208,6 +255,16 @@ class Trainer:
 
         self.heads = heads(model.config.vision_config.hidden_size)
         self.proj_heads = heads(model.config.text_config.hidden_size)  # on the projector's output (stage 1b)
+        tie = None
+        if tie_words:
+            def word(w):
+                i = prompts.tok.convert_tokens_to_ids("\u2581" + w)
+                assert isinstance(i, int) and i != prompts.tok.unk_token_id, w
+                return i
+
+            tie = (model.model.language_model.embed_tokens,
+                   {0: [word(c) for c in sv.COLOURS], 1: [word(x) for x in sv.SHAPES], 2: [word("small"), word("large")]})
+        self.symbolic = SymbolicTokens(model.config.text_config.hidden_size, tie).to(device)
 
     def vision_features(self, pixels):
         out = self.core.vision_tower(pixels, output_hidden_states=True)
@@ -231,25 +288,16 @@ class Trainer:
         return loss, accs
 
     def answer_logits(self, feats, questions):
-        torch = self.torch
-        seqs = [self.prompts.ids(q.text) for q in questions]
-        T = max(map(len, seqs))
-        ids = torch.full((len(seqs), T), PAD_TOKEN_ID, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            ids[b, :len(s)] = torch.tensor(s)
-        ids = ids.to(self.device)
-        last = torch.tensor([len(s) - 1 for s in seqs], device=self.device)
-        lm = self.core.language_model
-        emb = lm.embed_tokens(ids)
-        img = self.core.multi_modal_projector(feats)
-        emb = emb.masked_scatter((ids == IMAGE_TOKEN_ID).unsqueeze(-1), img.to(emb.dtype))
-        h = lm(inputs_embeds=emb, use_cache=False).last_hidden_state
-        h = h[torch.arange(len(seqs), device=self.device), last]
-        return self.model.lm_head(h)
+        """The logits after "ASSISTANT:" of single-question prompts (a pack of one question each)."""
+        return self.packed_logits(feats, [[q] for q in questions])
 
     def packed_logits(self, feats, groups):
         """groups[b]: the questions about image b, asked one after another in one sequence (teacher-forced
         answers); the logits of each answer position, in order."""
+        return self.packed_logits_from_tokens(self.core.multi_modal_projector(feats), groups)
+
+    def packed_logits_from_tokens(self, img, groups):
+        """packed_logits with the image tokens given ([B, 144, d]: the projector's output or symbolic tokens)."""
         torch = self.torch
         packs = [self.prompts.packed(g) for g in groups]
         T = max(len(p[0]) for p in packs)
@@ -262,7 +310,6 @@ class Trainer:
         ids = ids.to(self.device)
         lm = self.core.language_model
         emb = lm.embed_tokens(ids)
-        img = self.core.multi_modal_projector(feats)
         emb = emb.masked_scatter((ids == IMAGE_TOKEN_ID).unsqueeze(-1), img.to(emb.dtype))
         h = lm(inputs_embeds=emb, use_cache=False).last_hidden_state
         h = h[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
@@ -274,21 +321,31 @@ class Trainer:
         acc = float((logits.argmax(-1) == y).float().mean())
         return loss, acc
 
-    def predict(self, images: np.ndarray, questions, batch: int = 64):
-        """Argmax answer ids for uint8 images [B, H, W, 3] and their questions."""
+    def predict(self, images: np.ndarray, questions, batch: int = 64, labels: np.ndarray = None):
+        """Argmax answer ids for uint8 images [B, H, W, 3] and their questions; with `labels` ([B, 6, 144]) the
+        decoder reads symbolic tokens of the true per-patch labels instead (stage 0)."""
         torch = self.torch
         out = []
         with torch.no_grad():
             for i in range(0, len(questions), batch):
-                px = torch.from_numpy(normalize(images[i:i + batch])).to(self.device)
-                logits = self.answer_logits(self.vision_features(px), questions[i:i + batch])
-                out.extend(logits.argmax(-1).tolist())
+                groups = [[q] for q in questions[i:i + batch]]
+                if labels is not None:
+                    img = self.symbolic(torch.from_numpy(labels[i:i + batch].astype(np.int64)).to(self.device))
+                else:
+                    px = torch.from_numpy(normalize(images[i:i + batch])).to(self.device)
+                    img = self.core.multi_modal_projector(self.vision_features(px))
+                out.extend(self.packed_logits_from_tokens(img, groups).argmax(-1).tolist())
         return out
 
-    def evaluate(self, ev, blank: bool = False):
+    def evaluate(self, ev, blank: bool = False, symbolic: bool = False):
         images = np.stack([sv.blank_image() if blank else s.image for s, _ in ev])
+        labels = None
+        if symbolic:
+            labels = np.stack([scene_labels(sv.Scene(0, 0, im, [] if blank else s.objects,
+                                                     np.full(im.shape[:2], -1, np.int16) if blank else s.object_map))
+                               for im, (s, _) in zip(images, ev)])
         qs = [q for _, q in ev]
-        pred = self.predict(images, qs)
+        pred = self.predict(images, qs, labels=labels)
         ok = [p == self.prompts.answer_ids[q.answer] for p, q in zip(pred, qs)]
         by_kind = {}
         for (_, q), c in zip(ev, ok):
@@ -348,6 +405,14 @@ def main(argv=None):
     ap.add_argument("--eval-seed", type=int, default=1000, help="generator seed of the held-out questions")
     ap.add_argument("--n-eval", type=int, default=600)
     ap.add_argument("--pool", type=int, default=16000, help="training scenes")
+    ap.add_argument("--steps0", type=int, default=0,
+                    help="stage 0: decoder steps on symbolic image tokens (the true per-patch labels) before the "
+                         "tower exists; with it, stage 1c maps the tower's features onto those tokens")
+    ap.add_argument("--minutes0", type=float, default=0.0, help="run stage 0 for this wall-clock time instead")
+    ap.add_argument("--lr0", type=float, default=2e-3)
+    ap.add_argument("--tie-words", type=int, default=0,
+                    help="stage 0's colour, shape and size rows are the words' own embeddings (scaled)")
+    ap.add_argument("--steps1c", type=int, default=400, help="projector steps onto the symbolic tokens (stage 1c)")
     ap.add_argument("--steps1", type=int, default=600)
     ap.add_argument("--steps2", type=int, default=1200)
     ap.add_argument("--steps3", type=int, default=300)
@@ -405,7 +470,7 @@ def main(argv=None):
     save_tokenizer_and_preprocessor(out)
     tok = AutoTokenizer.from_pretrained(str(out))
     prompts = Prompts(tok)
-    trainer = Trainer(model, prompts, device, shape_weight=args.shape_weight)
+    trainer = Trainer(model, prompts, device, shape_weight=args.shape_weight, tie_words=bool(args.tie_words))
     log(f"device {device}; params {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; building the pool")
     pool = Pool(args.seed, args.pool, cache=out.parent / "pool-cache")
     ev = sv.held_out(args.eval_seed, args.n_eval)
@@ -427,6 +492,41 @@ def main(argv=None):
     vt = model.model.vision_tower
     proj, lm, head = model.model.multi_modal_projector, model.model.language_model, model.lm_head
     model.train()
+    lm.embed_tokens.weight.requires_grad_(bool(args.train_embeddings))
+    lm_params = [p for p in lm.parameters() if p.requires_grad]
+
+    def objects_cap(step):
+        if args.curriculum <= 0:
+            return sv.MAX_OBJECTS
+        return min(sv.MAX_OBJECTS, args.curriculum_start + step // args.curriculum)
+
+    # Stage 0: the decoder learns to answer from symbolic image tokens (clean keys, no tower in the loop).
+    def step0(step):
+        idx, _, groups = pool.batch_groups(args.batch, args.per_image, max_objects=objects_cap(step))
+        img = trainer.symbolic(torch.from_numpy(pool.labels[idx].astype(np.int64)).to(device))
+        qs = [q for g in groups for q in g]
+        loss, acc = trainer.answer_loss(trainer.packed_logits_from_tokens(img, groups), qs)
+        return loss, {"acc": acc}
+
+    def evaluate_symbolic(tag):
+        model.eval()
+        acc, kinds = trainer.evaluate(ev, symbolic=True)
+        model.train()
+        summary["evals"][tag] = dict(accuracy=round(acc, 4), by_kind=kinds, image_tokens="symbolic")
+        log(f"eval {tag} (symbolic image tokens): held-out accuracy {acc:.4f} {kinds}")
+        torch.save({"symbolic": trainer.symbolic.state_dict(), "lm": lm.state_dict(), "head": head.state_dict()},
+                   out / "stage0.pt")
+        return acc
+
+    symbolic = args.steps0 > 0 or args.minutes0 > 0
+    if symbolic:
+        t0s, n0 = run_stage("stage0", [{"params": list(trainer.symbolic.parameters()) + lm_params +
+                                        list(head.parameters()), "lr": args.lr0}], args.steps0, args.warmup2,
+                            step0, 50, evaluate_symbolic, args.eval_every, seconds=60.0 * args.minutes0)
+        summary["stage0"] = dict(steps=n0, minutes_budget=args.minutes0, seconds=round(t0s, 1), batch=args.batch,
+                                 per_image=args.per_image, curriculum=args.curriculum,
+                                 curriculum_start=args.curriculum_start)
+        evaluate_symbolic("stage0")
 
     # Stage 1: the vision tower on the dense per-patch objective.
     def step1(step):
@@ -476,11 +576,29 @@ def main(argv=None):
             feats = trainer.vision_features(torch.from_numpy(px).to(device))
         return trainer.dense_loss(proj(feats), torch.from_numpy(lab).to(device), trainer.proj_heads)
 
+    # Stage 1c (after stage 0): the projector learns to produce the symbolic tokens from the tower's features,
+    # so the decoder of stage 0 reads real images at once.
+    for p in trainer.symbolic.parameters():
+        p.requires_grad_(False)
+
+    def step1c(step):
+        _, px, lab = pool.batch_images(args.batch1)
+        with torch.no_grad():
+            feats = trainer.vision_features(torch.from_numpy(px).to(device))
+            target = trainer.symbolic(torch.from_numpy(lab).to(device))
+        y = proj(feats)
+        loss = (y - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
+        return loss, {"rel_err": float(loss.detach())}
+
     t1b = 0.0
-    if args.steps1b > 0 and not args.init_from:
+    if symbolic and not args.init_from:
+        t1b, _ = run_stage("stage1c", [{"params": list(proj.parameters()), "lr": args.lr1}], args.steps1c, 20,
+                           step1c, 25)
+        evaluate("stage1c")
+    elif args.steps1b > 0 and not args.init_from:
         t1b, _ = run_stage("stage1b", [{"params": list(proj.parameters()) + list(trainer.proj_heads.parameters()),
                                     "lr": args.lr1}], args.steps1b, 20, step1b, 25)
-    if args.center and not args.init_from:
+    if args.center and not args.init_from and not symbolic:
         with torch.no_grad():
             _, px, _ = pool.batch_images(64)
             y = proj(trainer.vision_features(torch.from_numpy(px).to(device))).reshape(-1, proj.linear_2.out_features)
@@ -489,13 +607,13 @@ def main(argv=None):
             proj.linear_2.bias.sub_(mu)
         log(f"projector output centred: |mean| / rms deviation was {ratio:.3f}")
         summary["projector_mean_to_spread_before_centring"] = round(ratio, 4)
-    summary["stage1b"] = dict(steps=args.steps1b if not args.init_from else 0, seconds=round(t1b, 1))
+    summary["stage1c" if symbolic else "stage1b"] = dict(
+        steps=0 if args.init_from else (args.steps1c if symbolic else args.steps1b), seconds=round(t1b, 1))
 
     # Stage 2: projector + decoder on the questions, tower frozen.
 
     def step2(step):
-        mo = sv.MAX_OBJECTS if args.curriculum <= 0 else min(sv.MAX_OBJECTS,
-                                                                args.curriculum_start + step // args.curriculum)
+        mo = sv.MAX_OBJECTS if symbolic else objects_cap(step)  # stage 0 ran the curriculum
         _, px, groups = pool.batch_groups(args.batch, args.per_image, max_objects=mo)
         with torch.no_grad():
             feats = trainer.vision_features(torch.from_numpy(px).to(device))
@@ -503,8 +621,6 @@ def main(argv=None):
         loss, acc = trainer.answer_loss(trainer.packed_logits(feats, groups), qs)
         return loss, {"acc": acc}
 
-    lm.embed_tokens.weight.requires_grad_(bool(args.train_embeddings))
-    lm_params = [p for p in lm.parameters() if p.requires_grad]
     t2, n2 = run_stage("stage2", [{"params": list(proj.parameters()) + lm_params + list(head.parameters()),
                                    "lr": args.lr2}], args.steps2, args.warmup2, step2, 50, evaluate, args.eval_every,
                        seconds=60.0 * args.minutes2)

@@ -13,7 +13,7 @@ static const char * k_usage =
     "text file, or an mmproj (run it once per file of a two-file model). Metadata is copied.\n"
     "\n"
     "  TYPE               the text tower: q8_0, q6_K, q5_K_M, q4_K_M, q4_0 (llama.cpp's per-tensor rules:\n"
-    "                     the _M types keep attn_v, ffn_down of some layers and output in Q6_K)\n"
+    "                     the _M types keep attn_v, ffn_down of some layers and output in Q6_K), or bf16\n"
     "  --vision-type T    the vision tower and projector: q8_0 (default), f16, same (the text's base type),\n"
     "                     or one of the TYPEs\n"
     "  -t, --threads N    threads (default: all cores)\n";
@@ -21,6 +21,7 @@ static const char * k_usage =
 static const struct { const char * name; int32_t type; } k_types[] = {
     { "q8_0", VTRIM_QUANT_Q8_0 }, { "q6_K", VTRIM_QUANT_Q6_K }, { "q5_K_M", VTRIM_QUANT_Q5_K_M },
     { "q4_K_M", VTRIM_QUANT_Q4_K_M }, { "q4_0", VTRIM_QUANT_Q4_0 }, { "f16", VTRIM_QUANT_F16 },
+    { "bf16", VTRIM_QUANT_BF16 },
     { "same", VTRIM_QUANT_SAME },
 };
 
@@ -57,7 +58,7 @@ int main(int argc, char ** argv) {
             }
             if (a[1] == '-' && a[2] == 'v') {
                 if (type_of(v, true, &p.vision_type) != 0) {
-                    fprintf(stderr, "%s: --vision-type %s: expected q8_0, f16, same, q6_K, q5_K_M, q4_K_M or q4_0\n",
+                    fprintf(stderr, "%s: --vision-type %s: expected q8_0, f16, bf16, same, q6_K, q5_K_M, q4_K_M or q4_0\n",
                             argv[0], v);
                     return 2;
                 }

@@ -333,9 +333,10 @@ VTRIM_API int32_t vtrim_context_reset(struct vtrim_context * ctx);
 
 /* Keeps the first n_keep positions of the sequence and forgets the rest (prefix reuse: a conversation that
  * starts with what the context holds goes on from there; the next call must be a vtrim_prefill, which gives
- * the logits). The reduction policies' choices in the kept part stay as they were made. Fails with
- * VTRIM_ERR_UNSUPPORTED, changing nothing, for an architecture whose images live outside the KV cache
- * (mllama's cross-attention states), and VTRIM_ERR_INVALID_ARG when n_keep is not in [0, n_past]. */
+ * the logits). The reduction policies' choices in the kept part stay as they were made. Llama-3.2-Vision keeps
+ * its images in the cross-attention cache: there a truncation may drop only positions after the last image
+ * token (the kept rows then see what they saw); one that drops an image token fails with
+ * VTRIM_ERR_UNSUPPORTED, changing nothing. VTRIM_ERR_INVALID_ARG when n_keep is not in [0, n_past]. */
 VTRIM_API int32_t vtrim_context_truncate(struct vtrim_context * ctx, int32_t n_keep);
 
 /* Cancellation. Checked before and during every graph compute (by the CPU backend between nodes, as in
@@ -417,6 +418,7 @@ enum vtrim_quant_type {
     VTRIM_QUANT_Q4_K_M = 3,
     VTRIM_QUANT_Q4_0   = 4,
     VTRIM_QUANT_F16    = 5,   /* vision_type only */
+    VTRIM_QUANT_BF16   = 6,   /* every matrix bf16 (from f32/bf16 checkpoints: no rounding to f16's range) */
 };
 
 struct vtrim_quantize_params {

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Pattern, Sequence, T
 
 import numpy as np
 
-OUTTYPES = ("f32", "f16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 # Q8_0 blocks hold 32 values (one f16 scale + 32 int8), ggml's QK8_0.
 Q8_0_BLOCK = 32
@@ -55,6 +55,7 @@ def file_type_for(outtype: str) -> int:
     return {
         "f32": int(gguf.LlamaFileType.ALL_F32),
         "f16": int(gguf.LlamaFileType.MOSTLY_F16),
+        "bf16": int(gguf.LlamaFileType.MOSTLY_BF16),
         "q8_0": int(gguf.LlamaFileType.MOSTLY_Q8_0),
     }[outtype]
 
@@ -72,6 +73,8 @@ def tensor_type(role: str, shape: tuple, outtype: str):
         return T.F32
     if role == ROLE_EMBED or outtype == "f16":
         return T.F16
+    if outtype == "bf16":   # every matrix; conv kernels and position tables (ROLE_EMBED) stay f16
+        return T.BF16
     # q8_0: ggml quantizes along rows (the last numpy axis); rows must be whole blocks.
     if len(shape) == 2 and shape[-1] % Q8_0_BLOCK == 0:
         return T.Q8_0
@@ -95,7 +98,7 @@ def _nbytes(shape: tuple, qtype) -> int:
     n = int(np.prod(shape)) if shape else 1
     if qtype == gguf.GGMLQuantizationType.F32:
         return 4 * n
-    if qtype == gguf.GGMLQuantizationType.F16:
+    if qtype in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
         return 2 * n
     if qtype == gguf.GGMLQuantizationType.Q8_0:
         return n // Q8_0_BLOCK * Q8_0_BLOCK_BYTES

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("hf_dir", type=Path, help="model directory with config.json, *.safetensors and the tokenizer")
     ap.add_argument("--outfile", type=Path, required=True, help="output GGUF path")
     ap.add_argument("--outtype", choices=OUTTYPES, default="f16",
-                    help="weight type: f32, f16 (default), or q8_0 (norms and biases stay f32)")
+                    help="weight type: f32, f16 (default), bf16 (the matrices; conv kernels and position tables "
+                         "f16), or q8_0 (norms and biases stay f32)")
     ap.add_argument("--layout", choices=LAYOUTS, default="single",
                     help="'single' (one file, pyvtrim's) or 'llama.cpp' (OUT + mmproj-OUT, llama.cpp's layout; "
                          "LLaVA only)")

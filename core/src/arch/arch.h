@@ -57,6 +57,9 @@ struct vtrim_arch {
     void    (*context_free)(struct vtrim_context * c);
     void    (*context_reset)(struct vtrim_context * c);
     int64_t (*cache_bytes)(const struct vtrim_context * c);   // caches of its own (mllama's cross cache)
+    // For images outside the KV cache: whether this architecture's state allows keeping only the first n_keep
+    // positions (vtrim_context_truncate; prefix reuse). Fails, changing nothing, when it does not. NULL: never.
+    int32_t (*truncate)(struct vtrim_context * c, int32_t n_keep);
 
     // ---- prefill ----
     // Refuses images this architecture cannot take now (too many, a second turn with images).

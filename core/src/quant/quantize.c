@@ -28,6 +28,7 @@
 #define LLAMA_FTYPE_MOSTLY_Q5_K_M 17
 #define LLAMA_FTYPE_MOSTLY_Q6_K   18
 #define LLAMA_FTYPE_MOSTLY_F16    1
+#define LLAMA_FTYPE_MOSTLY_BF16   32
 
 static bool more_bits(int32_t i, int32_t n) {
     return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
@@ -46,6 +47,7 @@ static enum ggml_type base_type(int32_t t) {
         case VTRIM_QUANT_Q4_K_M: return GGML_TYPE_Q4_K;
         case VTRIM_QUANT_Q4_0:   return GGML_TYPE_Q4_0;
         case VTRIM_QUANT_F16:    return GGML_TYPE_F16;
+        case VTRIM_QUANT_BF16:   return GGML_TYPE_BF16;
         default:                 return GGML_TYPE_COUNT;
     }
 }
@@ -57,6 +59,7 @@ static int32_t file_type(int32_t t) {
         case VTRIM_QUANT_Q5_K_M: return LLAMA_FTYPE_MOSTLY_Q5_K_M;
         case VTRIM_QUANT_Q4_K_M: return LLAMA_FTYPE_MOSTLY_Q4_K_M;
         case VTRIM_QUANT_Q4_0:   return LLAMA_FTYPE_MOSTLY_Q4_0;
+        case VTRIM_QUANT_BF16:   return LLAMA_FTYPE_MOSTLY_BF16;
         default:                 return LLAMA_FTYPE_MOSTLY_F16;
     }
 }
@@ -90,7 +93,8 @@ static enum ggml_type target_type(const struct vtrim_quantize_params * p, const 
     if (vision) {
         t = base_type(p->vision_type == VTRIM_QUANT_SAME ? text : p->vision_type);
     } else if (strcmp(name, "output.weight") == 0) {
-        t = base_type(text) == GGML_TYPE_Q8_0 || base_type(text) == GGML_TYPE_F16 ? base_type(text) : GGML_TYPE_Q6_K;
+        const enum ggml_type b = base_type(text);
+        t = b == GGML_TYPE_Q8_0 || b == GGML_TYPE_F16 || b == GGML_TYPE_BF16 ? b : GGML_TYPE_Q6_K;
         if (ne[0] % ggml_blck_size(t) != 0) {
             t = GGML_TYPE_Q8_0;
         }
@@ -337,6 +341,8 @@ static int32_t run(struct job * j, const char * in_path, const char * out_path, 
             if (rc == 0) {
                 if (types[t] == GGML_TYPE_F16) {
                     ggml_fp32_to_fp16_row(j->f32, qbuf, ggml_nelements(w));
+                } else if (types[t] == GGML_TYPE_BF16) {
+                    ggml_fp32_to_bf16_row(j->f32, qbuf, ggml_nelements(w));
                 } else {
                     quantize_threaded(types[t], j->f32, qbuf, n_rows, n_per_row, n_threads);
                 }

@@ -197,9 +197,14 @@ int32_t vtrim_context_truncate(struct vtrim_context * c, int32_t n_keep) {
     if (n_keep == 0) {
         return vtrim_context_reset(c);
     }
-    if (c->model->has_vision && !c->model->arch->image_rows_in_decoder) {
-        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "a %s context cannot be truncated: its images live outside the KV cache",
-                          c->model->arch->name);
+    const struct vtrim_arch * a = c->model->arch;
+    if (c->model->has_vision && !a->image_rows_in_decoder) {
+        const int32_t rc = a->truncate ? a->truncate(c, n_keep)
+                         : vtrim_fail(VTRIM_ERR_UNSUPPORTED, "a %s context cannot be truncated: its images live "
+                                      "outside the KV cache", a->name);
+        if (rc < 0) {
+            return rc;
+        }
     }
     const int32_t rc = vtrim_kv_truncate(&c->kv, n_keep - 1);
     if (rc < 0) {

@@ -300,6 +300,7 @@ const struct vtrim_arch vtrim_arch_mllama = {
     .context_free = vtrim_mllama_context_free,
     .context_reset = vtrim_mllama_context_reset,
     .cache_bytes = vtrim_mllama_cache_bytes,
+    .truncate = vtrim_mllama_truncate,
     .prefill_check = vtrim_mllama_prefill_check,
     .encode = vtrim_mllama_encode,
     .prepare_rows = vtrim_mllama_prepare_rows,

@@ -123,6 +123,7 @@ struct vtrim_mllama_ctx;
 int32_t vtrim_mllama_context_init(struct vtrim_context * c);
 void    vtrim_mllama_context_free(struct vtrim_context * c);
 void    vtrim_mllama_context_reset(struct vtrim_context * c);
+int32_t vtrim_mllama_truncate(struct vtrim_context * c, int32_t n_keep);
 int64_t vtrim_mllama_cache_bytes(const struct vtrim_context * c);
 int32_t vtrim_mllama_prefill_check(const struct vtrim_context * c, int32_t n_images);
 int32_t vtrim_mllama_encode(struct vtrim_context * c, struct vtrim_image * const * images, int32_t n_images);

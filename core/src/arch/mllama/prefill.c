@@ -7,6 +7,7 @@
 #include "reduce/reduce.h"
 #include "runtime/context.h"
 #include "runtime/forward.h"
+#include "runtime/image_cache.h"
 #include "runtime/stages.h"
 
 #include <math.h>
@@ -20,6 +21,8 @@ struct vtrim_mllama_ctx {
     int32_t *                off;        // first row of each image in xc
     int32_t *                visible;    // rows of each image's real tiles (the padded tiles follow, masked)
     uint32_t                 last_sees;  // images the sequence's last row sees (decoding continues it)
+    int32_t                  image_end;  // one past the sequence position of the last image token (0: none)
+    int32_t                  image_end_pending;   // the same for the prefill in progress
     bool                     encoded;    // images came with the prefill in progress
     // the inputs of the decoder graph being built (vtrim_decoder_ext)
     struct vtrim_decoder_ext ext;
@@ -66,6 +69,19 @@ void vtrim_mllama_context_reset(struct vtrim_context * c) {
     s->xc.n = 0;
     s->n_images = 0;
     s->last_sees = 0;
+    s->image_end = 0;
+}
+
+// Rows after the last image token all see the same images, so dropping only such rows leaves the cross cache
+// and what the next row sees as they are (exact prefix reuse); dropping an image's token is refused.
+int32_t vtrim_mllama_truncate(struct vtrim_context * c, int32_t n_keep) {
+    const struct vtrim_mllama_ctx * s = state(c);
+    if (n_keep < s->image_end) {
+        return vtrim_fail(VTRIM_ERR_UNSUPPORTED, "truncating to %d positions would drop the image token at position "
+                          "%d: Llama-3.2-Vision's images live in the cross-attention cache (reset instead)", n_keep,
+                          s->image_end - 1);
+    }
+    return 0;
 }
 
 int64_t vtrim_mllama_cache_bytes(const struct vtrim_context * c) { return vtrim_cross_cache_bytes_used(&state(c)->xc); }
@@ -83,8 +99,17 @@ int32_t vtrim_mllama_prefill_check(const struct vtrim_context * c, int32_t n_ima
     return 0;
 }
 
+// The image cache's key: the preprocessed tiles and their layout (the aspect ratio id; the pixels of padded
+// tiles are zeros either way).
+static uint64_t image_key(const float * pixels, int64_t n_pix, int32_t ar_id, int32_t n_tiles) {
+    const uint64_t h = vtrim_image_cache_key(pixels, n_pix);
+    return h ^ (((uint64_t) (uint32_t) ar_id << 32 | (uint32_t) n_tiles) * 0x9E3779B97F4A7C15ull);
+}
+
 // Each image through the vision tower, its states' K/V written into the cross-attention cache. With a trim to
-// come, only the first cross layer's K/V are computed and the states are kept for the hook.
+// come, only the first cross layer's K/V are computed and the states are kept for the hook. The tower's output
+// (the projected states) goes into the model's image cache; an image found there skips the tower, and only
+// its K/V are computed again (a matrix product per cross layer).
 int32_t vtrim_mllama_encode(struct vtrim_context * c, struct vtrim_image * const * images, int32_t n_images) {
     const struct vtrim_model * m = c->model;
     const struct vtrim_mllama * v = vtrim_mllama_of(m);
@@ -94,6 +119,8 @@ int32_t vtrim_mllama_encode(struct vtrim_context * c, struct vtrim_image * const
     const bool trim_pending = vtrim_policy_list_has_hook(&c->policies, VTRIM_HOOK_CROSS_ATTN);
     const int32_t per_image = hp->max_tiles * hp->n_pos;
     const int32_t L = hp->max_tiles * (hp->n_pos + hp->n_pad);
+    const int64_t n_embd = m->text.n_embd;
+    const bool cacheable = m->image_cache != NULL;
     int32_t rc = 0;
     s->encoded = true;
     if (xc->n_rows < n_images * per_image || (trim_pending && !xc->states)) {
@@ -106,40 +133,68 @@ int32_t vtrim_mllama_encode(struct vtrim_context * c, struct vtrim_image * const
     }
     xc->n_kept = 0;
     memset(xc->trimmed, 0, sizeof(bool) * (size_t) xc->n_layer);
-    const size_t n_pix = (size_t) hp->max_tiles * 3 * hp->tile_size * hp->tile_size;
-    float * pixels = malloc(sizeof(float) * n_pix);
+    const int64_t n_pix = (int64_t) hp->max_tiles * 3 * hp->tile_size * hp->tile_size;
+    float * pixels = malloc(sizeof(float) * (size_t) n_pix);
     ggml_fp16_t * mask = malloc(sizeof(ggml_fp16_t) * (size_t) L * L);
-    if (!pixels || !mask) {
+    float * states_host = cacheable ? malloc(sizeof(float) * (size_t) (n_embd * per_image)) : NULL;
+    int32_t * src = cacheable ? calloc((size_t) per_image, sizeof(int32_t)) : NULL;   // the cache's row origins
+    if (!pixels || !mask || (cacheable && (!states_host || !src))) {
         rc = vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory for the image");
     }
     for (int32_t i = 0; i < n_images && rc == 0; i++) {
-        int32_t n_tiles = 0, ar_id = 0;
+        int32_t n_tiles = 0, ar_id = 0, n_rows = 0;
         if ((rc = vtrim_mllama_preprocess(images[i], &v->pp, pixels, &n_tiles, &ar_id, NULL, NULL)) < 0) {
             vtrim_fail_prefix(rc, "image %d: ", i);
             break;
         }
-        vtrim_mllama_vision_mask(v, n_tiles, mask);
+        const uint64_t key = cacheable ? image_key(pixels, n_pix, ar_id, n_tiles) : 0;
+        const bool hit = cacheable && vtrim_image_cache_get(m->image_cache, key, (int32_t) n_embd, per_image,
+                                                            states_host, src, &n_rows) && n_rows == per_image;
+        if (!hit) {
+            vtrim_mllama_vision_mask(v, n_tiles, mask);
+        }
         struct ggml_context * gctx;
         struct ggml_cgraph * gf;
         if ((rc = vtrim_context_graph_new(c, &gctx, &gf)) < 0) {
             break;
         }
         struct vtrim_mllama_vision_inputs in;
-        struct ggml_tensor * states = vtrim_mllama_build_vision(gctx, gf, v, &in);
+        struct ggml_tensor * states;
+        if (hit) {
+            states = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, n_embd, per_image);
+            ggml_set_input(states);
+        } else {
+            states = vtrim_mllama_build_vision(gctx, gf, v, &in);
+            if (cacheable) {
+                ggml_set_output(states);
+            }
+        }
         vtrim_mllama_build_cross_kv(gctx, gf, m, xc, states, i * per_image, 0, trim_pending ? 1 : hp->n_cross);
         if (trim_pending) {
             const size_t row = ggml_row_size(GGML_TYPE_F32, m->text.n_embd);
             ggml_build_forward_expand(gf, ggml_cpy(gctx, states, ggml_view_2d(gctx, xc->states, m->text.n_embd,
                                                                                per_image, row, row * i * per_image)));
         }
-        const struct vtrim_tensor_io io[] = { { in.pixels, pixels }, { in.ar_id, &ar_id }, { in.mask, mask } };
-        rc = vtrim_context_graph_run(c, gf, io, 3, NULL, 0);
+        if (hit) {
+            const struct vtrim_tensor_io io[] = { { states, states_host } };
+            rc = vtrim_context_graph_run(c, gf, io, 1, NULL, 0);
+            c->img.n_cached += rc == 0;
+        } else {
+            const struct vtrim_tensor_io io[] = { { in.pixels, pixels }, { in.ar_id, &ar_id }, { in.mask, mask } };
+            const struct vtrim_tensor_io out[] = { { states, states_host } };
+            rc = vtrim_context_graph_run(c, gf, io, 3, out, cacheable ? 1 : 0);
+            if (rc == 0 && cacheable) {
+                vtrim_image_cache_put(m->image_cache, key, (int32_t) n_embd, per_image, states_host, src);
+            }
+        }
         ggml_free(gctx);
         s->off[i] = i * per_image;
         s->visible[i] = n_tiles * hp->n_pos;
     }
     free(pixels);
     free(mask);
+    free(states_host);
+    free(src);
     if (rc == 0) {
         xc->n = n_images * per_image;
         s->n_images = n_images;
@@ -192,6 +247,12 @@ int32_t vtrim_mllama_prepare_rows(struct vtrim_context * c, const int32_t * toke
         return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
     }
     rows->arch_rows = sees;
+    for (int32_t i = n_tokens - 1; i >= 0; i--) {
+        if (tokens[i] == c->model->image_token_id) {
+            state(c)->image_end_pending = c->n_past + i + 1;
+            break;
+        }
+    }
     return vtrim_mllama_cross_visibility(c->model->image_token_id, tokens, n_tokens, sees);
 }
 
@@ -203,6 +264,9 @@ void vtrim_mllama_prefill_end(struct vtrim_context * c, const struct vtrim_rows 
     struct vtrim_mllama_ctx * s = state(c);
     if (ok) {
         s->last_sees = sees_of(s, rows, rows->n - 1);
+        if (s->encoded) {
+            s->image_end = s->image_end_pending;
+        }
     } else if (s->encoded) {   // the images of a failed prefill are forgotten with it
         s->xc.n = 0;
         s->n_images = 0;
