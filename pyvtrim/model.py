@@ -46,6 +46,7 @@ Images = Union[ImageLike, Sequence[ImageLike], None]
 
 DEVICES = {"auto": 0, "cpu": 1, "gpu": 2}   # enum vtrim_device
 KV_TYPES = {"f16": 0, "f32": 1}             # enum vtrim_kv_type
+VISION_ATTN = {"auto": 0, "flash": 1, "chunked": 2}   # enum vtrim_vision_attn
 
 def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
     """Runs a Model method under the Model's lock: one native call sequence at a time, never with close()."""
@@ -72,6 +73,9 @@ class Model:
     rpc: ggml rpc-server endpoints ("host:port", or a list): the decoder layers are split in equal shares
         over them and this machine, which keeps the last share (`pyvtrim rpc-server` starts one).
     vocab_only: load only the tokenizer (no context; tokenize/detokenize only).
+    vision_attn: how the vision towers compute attention: "auto" (on the CPU, explicit scores by chunks of
+        query rows for sequences of >= 1024 positions, where ggml's CPU flash kernel is slow; else flash
+        attention), "flash" or "chunked".
 
     forward(), generate(), chat() and Chat take `reduce=`: None, a visual-token reduction policy
     (pyvtrim.FastV(k=2, ratio=0.5)) or a list of policies applied in order; last_stats["stages"] then
@@ -92,6 +96,7 @@ class Model:
         rpc: "str | Sequence[str] | None" = None,
         use_mmap: bool = True,
         image_cache_mib: float = 256,
+        vision_attn: str = "auto",
     ) -> None:
         self.path = os.fspath(path)
         self.mmproj = None if mmproj is None else os.fspath(mmproj)
@@ -100,6 +105,8 @@ class Model:
                 raise file_not_found(p)
         if device not in DEVICES:
             raise VtrimValueError(f"device must be one of {sorted(DEVICES)}, got {device!r}")
+        if vision_attn not in VISION_ATTN:
+            raise VtrimValueError(f"vision_attn must be one of {sorted(VISION_ATTN)}, got {vision_attn!r}")
         if kv_type not in KV_TYPES:
             raise VtrimValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {kv_type!r}")
         if int(n_ctx) < 0:
@@ -144,6 +151,10 @@ class Model:
                 mp.image_cache_bytes = int(float(image_cache_mib) * (1 << 20))
             if "n_threads" in fields:
                 mp.n_threads = self.n_threads
+            if vision_attn != "auto":
+                if "vision_attn" not in fields:
+                    raise VtrimUnsupportedError("this libvtrim has one vision attention (no vision_attn)")
+                mp.vision_attn = VISION_ATTN[vision_attn]
             if self.vocab_only:
                 if "vocab_only" not in fields:
                     raise VtrimUnsupportedError("this libvtrim cannot load a vocabulary alone (no vocab_only)")

@@ -142,3 +142,25 @@ def test_f16_gguf_close(llava_tiny):
     print(f"f16: max|diff| {diff:.2e}, logit std {want.std():.3f}")
     assert diff <= 5e-2 * want.std()
     assert int(np.argmax(got)) == int(np.argmax(want))
+
+
+@pytest.mark.parametrize("image", ["square", "tall"])
+def test_chunked_vision_attention_is_the_reference_too(llava_tiny, image):
+    """vision_attn="chunked" (explicit scores by chunks of query rows; what "auto" takes on the CPU for
+    towers of >= 1024 positions): the same logits as transformers within the f32 tolerance, and as flash."""
+    ref = Reference(str(llava_tiny.hf_dir))
+    img = _images()[image]
+    got = {}
+    for mode in ("chunked", "flash"):
+        with pyvtrim.Model(str(llava_tiny.gguf), n_ctx=512, kv_type="f32", n_threads=2, vision_attn=mode,
+                           image_cache_mib=0) as m:
+            ids = m.tokenize(PROMPTS[0])
+            got[mode] = m.forward(ids, [img])
+    want = ref.last_logits(ids, [img])
+    assert float(np.max(np.abs(got["chunked"] - want))) <= 1e-3
+    assert float(np.max(np.abs(got["chunked"] - got["flash"]))) <= 1e-4
+
+
+def test_vision_attn_is_checked(llava_tiny):
+    with pytest.raises(pyvtrim.VtrimValueError, match="vision_attn"):
+        pyvtrim.Model(str(llava_tiny.gguf), vision_attn="fast")

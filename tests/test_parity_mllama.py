@@ -129,3 +129,21 @@ def test_reduction_that_does_not_apply(pair):
     ids = m.tokenize(m.chat_prompt("What is it?", 1))
     with pytest.raises(ValueError, match="FastV"):
         m.forward(ids, [_image(30, 30)], reduce=pyvtrim.FastV(k=2, ratio=0.5))
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (1, 3), (2, 2)])
+def test_chunked_vision_attention_by_aspect_ratio(mllama_tiny, grid):
+    """vision_attn="chunked" against transformers: the padded tiles' rows leave the padded keys out of their
+    products (HF masks padding against padding), so images of 1 and 3 tiles check that part too."""
+    hf = mr.load_model(mllama_tiny.hf_dir)
+    proc = mr.load_image_processor(mllama_tiny.hf_dir)
+    with pyvtrim.Model(str(mllama_tiny.gguf), n_ctx=1024, kv_type="f32", n_threads=2, vision_attn="chunked",
+                       image_cache_mib=0) as m:
+        t = _tile(m)
+        img = _image(grid[0] * t - 3, grid[1] * t - 5, seed=sum(grid))
+        assert m.preprocess_info(img)["n_tiles"] == grid[0] * grid[1]
+        ids = m.tokenize(m.chat_prompt("What is in this picture?", 1))
+        want = mr.run_hf(hf, ids, [img], proc).last_logits[: m.n_vocab]
+        got = m.forward(ids, [img])
+    assert want.std() > 0.3
+    assert float(np.max(np.abs(got - want))) <= 1e-3

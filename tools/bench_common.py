@@ -28,6 +28,22 @@ def vision_flops(clip: dict, n_patches: int, n_embd_text: int) -> float:
     return float((clip["num_hidden_layers"] - 1) * layer + patch + projector)
 
 
+def machine_limits(n_threads: int, n: int = 2048) -> dict:
+    """What this machine sustains with these threads (the C library's vtrim_measure_machine: ggml's product of
+    two n x n matrices with f32, f16 and bf16 weights, and a 256 MiB copy), for the benchmarks' "share of
+    limit" figures: prefill FLOP/s over the matmul rate of the weights' type, decode bytes/s over the copy
+    bandwidth."""
+    from pyvtrim import _ffi
+
+    ffi, lib = _ffi.get()[:2]
+    out = ffi.new("struct vtrim_machine_rates *")
+    if lib.vtrim_measure_machine(int(n_threads), int(n), out) != 0:
+        raise RuntimeError(ffi.string(lib.vtrim_last_error()).decode())
+    return dict(threads=n_threads, matmul_n=n, f32_gflops=round(out.f32_flops / 1e9, 1),
+                f16_gflops=round(out.f16_flops / 1e9, 1), bf16_gflops=round(out.bf16_flops / 1e9, 1),
+                copy_gb_per_s=round(out.copy_bytes_per_s / 1e9, 2))
+
+
 def best_of_prefills(m, ids: list, images: list, reduce, reps: int):
     """Prefills the prompt `reps` times (each from an empty sequence) and returns the fastest run's figures
     (time to first token, encode, prefill, token and KV counts, FLOPs, stages) with the last run's logits,

@@ -57,6 +57,12 @@ TEXT_11B_REDUCED = dict(hidden_size=4096, intermediate_size=14336, num_hidden_la
                         cross_attention_layers=[1, 3, 5], num_attention_heads=32, num_key_value_heads=8)
 SHAPES = {
     "11b": (VISION_11B, TEXT_11B_REDUCED),
+    # The 11B's tower widths and tiles with 4 local + 1 global layers and a small text stack: the tower's
+    # per-layer speed (tools/bench_vision_attn.py) in a fraction of the full tower's time.
+    "tower5": (dict(VISION_11B, num_hidden_layers=4, num_global_layers=1, intermediate_layers_indices=[1, 3],
+                    vision_output_dim=3840),
+               dict(TEXT_11B_REDUCED, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                    num_key_value_heads=2)),
     # Same tile geometry (560 px, 1601 positions, 4 tiles), tiny widths: checks the tool itself quickly.
     "tiny": (dict(VISION_11B, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_global_layers=1,
                   attention_heads=4, intermediate_layers_indices=[1, 3], vision_output_dim=192),

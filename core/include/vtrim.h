@@ -89,6 +89,13 @@ struct vtrim_context;
 struct vtrim_image;
 struct vtrim_sampler;
 
+/* How the vision towers compute attention (vtrim_model_params.vision_attn). */
+enum vtrim_vision_attn {
+    VTRIM_VISION_ATTN_AUTO    = 0,  /* chunked on the CPU for long sequences (>= 1024 positions), else flash */
+    VTRIM_VISION_ATTN_FLASH   = 1,  /* ggml_flash_attn_ext                                               */
+    VTRIM_VISION_ATTN_CHUNKED = 2,  /* explicit scores by chunks of query rows, on the matrix kernels      */
+};
+
 struct vtrim_model_params {
     int32_t device;         /* enum vtrim_device                                   */
     int32_t n_threads;      /* reserved for parallel loading; <= 0: all cores                */
@@ -105,6 +112,7 @@ struct vtrim_model_params {
     /* bytes of the image-embedding cache that the model's contexts share (default 256 MiB; 0: none): an
        image seen before, by any context, is not encoded again (LLaVA without a vision-tower reduction) */
     int64_t image_cache_bytes;
+    int32_t vision_attn;    /* one of enum vtrim_vision_attn, default AUTO                              */
 };
 
 struct vtrim_context_params {
@@ -363,6 +371,18 @@ VTRIM_API int32_t vtrim_get_stats(const struct vtrim_context * ctx, struct vtrim
  * (n_ctx rows of every layer), the compute buffers as sized by the largest graphs run so far (run the longest
  * prompt with an image once to see the peak), the image embeddings' host buffer. */
 VTRIM_API int32_t vtrim_get_memory(const struct vtrim_context * ctx, struct vtrim_memory * out);
+
+/* What this machine's CPU backend sustains, for benchmarks to say how far from the limit a figure is: ggml's
+ * matrix product of two n x n matrices (weights f32, f16 or bf16; activations f32), in FLOP/s (2 per
+ * multiply-add), and a 256 MiB copy in bytes read + written per second. n_threads <= 0: all cores.
+ * Takes a few seconds at n = 2048. */
+struct vtrim_machine_rates {
+    double f32_flops;
+    double f16_flops;
+    double bf16_flops;
+    double copy_bytes_per_s;
+};
+VTRIM_API int32_t vtrim_measure_machine(int32_t n_threads, int32_t n, struct vtrim_machine_rates * out);
 /* The ggml ops of every graph the context has run, as ggml's enum names ("GGML_OP_MUL_MAT",
  * "GGML_UNARY_OP_SILU", ...), sorted, comma separated, NUL-terminated: what a backend must support to run
  * this model and these reductions. *n_out: the length without the NUL; VTRIM_ERR_BUFFER_TOO_SMALL when

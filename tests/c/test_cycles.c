@@ -25,7 +25,12 @@ static long heap_kib(void) {
 #endif
 }
 
+// Private resident KiB, after glibc has given its free pages back (malloc_trim): what glibc keeps for reuse
+// (its raised mmap threshold keeps freed compute buffers) is then not counted as growth.
 static long rss_kib(void) {
+#if defined(HAVE_MALLINFO2)
+    malloc_trim(0);
+#endif
     long pages = 0, resident = 0, shared = 0;
     FILE * f = fopen("/proc/self/statm", "r");
     if (f) {

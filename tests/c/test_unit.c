@@ -332,6 +332,7 @@ static void test_ficoco_v(void) {
 
 #ifdef VTRIM_UNIT_GGML
 #include "attn_probe.h"
+#include "graph/graph.h"
 #include "kv/kv_cache.h"
 
 #include "ggml-alloc.h"
@@ -375,6 +376,85 @@ static void test_logits_head_mean(void) {
             CHECK(fabs(got[i][j] - want / NH) < 1e-5);
         }
     }
+    ggml_backend_buffer_free(buf);
+    ggml_free(gctx);
+    ggml_backend_free(cpu);
+}
+
+// The chunked explicit attention (graph/graph.c) against ggml's flash attention and a double-precision
+// reference, with chunks of 5 query rows and a padded tail (rows from TAIL on see only the keys before it).
+static void test_chunked_attn(void) {
+    ggml_backend_t cpu = ggml_backend_cpu_init();
+    enum { HD = 8, NH = 2, N = 37, TAIL = 24, NM = 64 };   // NM: the mask's rows, padded for flash attention
+    static float q[N][NH][HD], k[N][NH][HD], v[N][NH][HD];
+    static ggml_fp16_t mask[NM][N];
+    for (int i = 0; i < N * NH * HD; i++) {
+        (&q[0][0][0])[i] = (float) ((i * 37) % 23) / 11.0f - 1.0f;
+        (&k[0][0][0])[i] = (float) ((i * 53) % 19) / 9.0f - 1.0f;
+        (&v[0][0][0])[i] = (float) ((i * 71) % 17) / 8.0f - 1.0f;
+    }
+    for (int i = 0; i < NM; i++) {
+        for (int j = 0; j < N; j++) {   // as HF's padded tiles: padding against padding is masked
+            const bool pad_i = i >= TAIL || i % 10 == 9, pad_j = j >= TAIL || j % 10 == 9;
+            mask[i][j] = ggml_fp32_to_fp16(pad_i && pad_j ? -INFINITY : 0.0f);
+        }
+    }
+    struct ggml_init_params ip = { .mem_size = 512 * ggml_tensor_overhead() + ggml_graph_overhead(), .mem_buffer = NULL,
+                                   .no_alloc = true };
+    struct ggml_context * gctx = ggml_init(ip);
+    struct ggml_tensor * tq = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, HD, NH, N);
+    struct ggml_tensor * tk = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, HD, NH, N);
+    struct ggml_tensor * tv = ggml_new_tensor_3d(gctx, GGML_TYPE_F32, HD, NH, N);
+    struct ggml_tensor * tm = ggml_new_tensor_2d(gctx, GGML_TYPE_F16, N, NM);
+    const float scale = 0.35f;
+    const int64_t chunk_bytes = 5 * N * NH * (int64_t) sizeof(float);
+    struct ggml_tensor * chunked = vtrim_build_chunked_attn(gctx, tq, tk, tv, tm, scale, chunk_bytes, TAIL);
+    struct ggml_tensor * whole = vtrim_build_chunked_attn(gctx, tq, tk, tv, tm, scale, chunk_bytes, N);
+    struct ggml_tensor * flash = vtrim_build_flash_attn(gctx, tq, tk, tv, tm, scale);
+    struct ggml_cgraph * gf = ggml_new_graph(gctx);
+    ggml_build_forward_expand(gf, chunked);
+    ggml_build_forward_expand(gf, whole);
+    ggml_build_forward_expand(gf, flash);
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(gctx, cpu);
+    ggml_backend_tensor_set(tq, q, 0, sizeof q);
+    ggml_backend_tensor_set(tk, k, 0, sizeof k);
+    ggml_backend_tensor_set(tv, v, 0, sizeof v);
+    ggml_backend_tensor_set(tm, mask, 0, sizeof mask);
+    CHECK(ggml_backend_graph_compute(cpu, gf) == GGML_STATUS_SUCCESS);
+    CHECK(chunked->ne[0] == HD * NH && chunked->ne[1] == N);
+    static float got[3][N][NH * HD];
+    ggml_backend_tensor_get(chunked, got[0], 0, sizeof got[0]);
+    ggml_backend_tensor_get(whole, got[1], 0, sizeof got[1]);
+    ggml_backend_tensor_get(flash, got[2], 0, sizeof got[2]);
+    double worst = 0.0;
+    for (int i = 0; i < N; i++) {
+        for (int h = 0; h < NH; h++) {
+            double s[N], mx = -INFINITY, z = 0.0;
+            for (int j = 0; j < N; j++) {
+                double dot = 0.0;
+                for (int d = 0; d < HD; d++) {
+                    dot += (double) q[i][h][d] * k[j][h][d];
+                }
+                s[j] = scale * dot + ggml_fp16_to_fp32(mask[i][j]);
+                mx = s[j] > mx ? s[j] : mx;
+            }
+            for (int j = 0; j < N; j++) {
+                s[j] = exp(s[j] - mx);
+                z += s[j];
+            }
+            for (int d = 0; d < HD; d++) {
+                double want = 0.0;
+                for (int j = 0; j < N; j++) {
+                    want += s[j] / z * v[j][h][d];
+                }
+                for (int r = 0; r < 3; r++) {
+                    const double e = fabs(got[r][i][h * HD + d] - want);
+                    worst = e > worst ? e : worst;
+                }
+            }
+        }
+    }
+    CHECK(worst < 1e-5);
     ggml_backend_buffer_free(buf);
     ggml_free(gctx);
     ggml_backend_free(cpu);
@@ -463,6 +543,7 @@ int main(void) {
 #ifdef VTRIM_UNIT_GGML
     test_kv_cache();
     test_logits_head_mean();
+    test_chunked_attn();
 #endif
     if (g_failed) {
         fprintf(stderr, "%d check(s) failed\n", g_failed);

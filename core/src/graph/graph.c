@@ -1,5 +1,7 @@
 #include "graph/graph.h"
 
+#include "vtrim.h"
+
 struct ggml_tensor * vtrim_f32(struct ggml_context * ctx, struct ggml_tensor * t) {
     return t->type == GGML_TYPE_F32 ? t : ggml_cast(ctx, t, GGML_TYPE_F32);
 }
@@ -66,6 +68,66 @@ struct ggml_tensor * vtrim_build_flash_attn(struct ggml_context * ctx, struct gg
                                                    ggml_permute(ctx, v, 0, 2, 1, 3), mask, scale, 0.0f, 0.0f);
     ggml_prec_set_acc(out, GGML_PREC_F32);
     return ggml_reshape_2d(ctx, out, head_dim * n_head, n_q);             // out: [head_dim, n_head, n_q]
+}
+
+// Joins [d, rows_i] parts along the rows, pairwise (each row copied log2(n) times, not n times).
+static struct ggml_tensor * concat_rows(struct ggml_context * ctx, struct ggml_tensor ** parts, int n) {
+    while (n > 1) {
+        int m = 0;
+        for (int i = 0; i < n; i += 2) {
+            parts[m++] = i + 1 < n ? ggml_concat(ctx, parts[i], parts[i + 1], 1) : parts[i];
+        }
+        n = m;
+    }
+    return parts[0];
+}
+
+struct ggml_tensor * vtrim_build_chunked_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                              struct ggml_tensor * v, struct ggml_tensor * mask, float scale,
+                                              int64_t chunk_bytes, int64_t tail_from) {
+    const int64_t head_dim = q->ne[0], n_head = q->ne[1], n_q = q->ne[2], n_kv = k->ne[2], n_head_kv = k->ne[1];
+    struct ggml_tensor * vt = ggml_cont(ctx, ggml_permute(ctx, v, 1, 2, 0, 3));   // [n_kv, head_dim, n_head_kv]
+    struct ggml_tensor * parts[2 * VTRIM_CHUNKED_ATTN_MAX];
+    int n_parts = 0;
+    tail_from = tail_from < 0 || tail_from > n_q ? n_q : tail_from;
+    for (int region = 0; region < 2; region++) {
+        const int64_t r0 = region == 0 ? 0 : tail_from, r1 = region == 0 ? tail_from : n_q;
+        const int64_t nk = region == 0 ? n_kv : tail_from;
+        if (r1 <= r0 || nk <= 0) {
+            continue;
+        }
+        int64_t rows = chunk_bytes / (nk * n_head * (int64_t) sizeof(float));
+        const int64_t fewest = (r1 - r0 + VTRIM_CHUNKED_ATTN_MAX - 1) / VTRIM_CHUNKED_ATTN_MAX;
+        rows = rows < fewest ? fewest : rows;
+        struct ggml_tensor * kc = ggml_permute(ctx, ggml_view_3d(ctx, k, head_dim, n_head_kv, nk, k->nb[1], k->nb[2], 0),
+                                               0, 2, 1, 3);                                   // [head_dim, nk, n_head_kv]
+        struct ggml_tensor * vc = ggml_view_3d(ctx, vt, nk, head_dim, n_head_kv, vt->nb[1], vt->nb[2], 0);
+        for (int64_t c0 = r0; c0 < r1; c0 += rows) {
+            const int64_t m = rows < r1 - c0 ? rows : r1 - c0;
+            // contiguous, so that the product takes the tiled matrix kernel (llamafile's sgemm on the CPU)
+            struct ggml_tensor * qc = ggml_cont(ctx, ggml_permute(ctx, ggml_view_3d(ctx, q, head_dim, n_head, m, q->nb[1],
+                                                                                    q->nb[2], c0 * q->nb[2]), 0, 2, 1, 3));
+            struct ggml_tensor * kq = ggml_mul_mat(ctx, kc, qc);                              // [nk, m, n_head]
+            struct ggml_tensor * mc = NULL;
+            if (mask) {
+                mc = ggml_view_2d(ctx, mask, nk, m, mask->nb[1], c0 * mask->nb[1]);
+                mc = nk == mask->ne[0] ? mc : ggml_cont(ctx, mc);   // ggml_soft_max_ext takes a contiguous mask
+            }
+            kq = ggml_soft_max_ext(ctx, kq, mc, scale, 0.0f);
+            struct ggml_tensor * kqv = ggml_mul_mat(ctx, vc, kq);                             // [head_dim, m, n_head]
+            parts[n_parts++] = ggml_cont_2d(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3), head_dim * n_head, m);
+        }
+    }
+    return concat_rows(ctx, parts, n_parts);
+}
+
+struct ggml_tensor * vtrim_build_vision_attn(struct ggml_context * ctx, const struct vtrim_attn_plan * a,
+                                             struct ggml_tensor * q, struct ggml_tensor * k, struct ggml_tensor * v,
+                                             struct ggml_tensor * mask, float scale, int64_t tail_from) {
+    const bool chunked = a->mode == VTRIM_VISION_ATTN_CHUNKED ||
+                         (a->mode == VTRIM_VISION_ATTN_AUTO && a->cpu && q->ne[2] >= VTRIM_CHUNKED_ATTN_MIN_ROWS);
+    return chunked ? vtrim_build_chunked_attn(ctx, q, k, v, mask, scale, VTRIM_CHUNKED_ATTN_BYTES, tail_from)
+                   : vtrim_build_flash_attn(ctx, q, k, v, mask, scale);
 }
 
 struct ggml_tensor * vtrim_build_patch_embd(struct ggml_context * ctx, struct ggml_tensor * kernel,

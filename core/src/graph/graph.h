@@ -3,6 +3,7 @@
 
 #include "ggml.h"
 
+#include <stdbool.h>
 #include <stdint.h>
 
 // A graph input or output and its host data (nbytes(t)); an input whose tensor got no buffer (no node reads
@@ -44,6 +45,31 @@ struct ggml_tensor * vtrim_build_attn_vt(struct ggml_context * ctx, struct ggml_
 // q: [head_dim, n_head, n_q]; k, v: [head_dim, n_head_kv, n_kv]; mask: F16 [n_kv, n_q] or NULL.
 struct ggml_tensor * vtrim_build_flash_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
                                             struct ggml_tensor * v, struct ggml_tensor * mask, float scale);
+
+// How a vision tower computes attention. ggml's CPU flash-attention kernel walks the keys one query row at a
+// time; over thousands of positions the explicit form (scores as a matrix product, softmax, times V) on the
+// matrix kernels is faster there, by chunks of query rows so that the score matrix stays small. GPU kernels
+// do flash attention well. mode: enum vtrim_vision_attn (AUTO: chunked on the CPU for n_q >=
+// VTRIM_CHUNKED_ATTN_MIN_ROWS); cpu: the tower runs on the CPU.
+#define VTRIM_CHUNKED_ATTN_MIN_ROWS 1024
+#define VTRIM_CHUNKED_ATTN_BYTES    ((int64_t) 256 << 20)   // one chunk's score matrix, at most
+struct vtrim_attn_plan {
+    int32_t mode;
+    bool    cpu;
+};
+
+// q: [head_dim, n_head, n_q]; k, v: [head_dim, n_head_kv, n_kv]; mask: F16 [n_kv, n_q] or NULL. Query rows
+// from tail_from on may attend only to the keys before tail_from (the mask hides the rest from them: HF's
+// padded tiles), so those keys are left out of their products; tail_from = n_q when there is no such tail.
+struct ggml_tensor * vtrim_build_vision_attn(struct ggml_context * ctx, const struct vtrim_attn_plan * a,
+                                             struct ggml_tensor * q, struct ggml_tensor * k, struct ggml_tensor * v,
+                                             struct ggml_tensor * mask, float scale, int64_t tail_from);
+// The explicit form itself (what vtrim_build_vision_attn picks on the CPU), chunk_bytes bounding each chunk's
+// scores; at most VTRIM_CHUNKED_ATTN_MAX chunks per region.
+#define VTRIM_CHUNKED_ATTN_MAX 32
+struct ggml_tensor * vtrim_build_chunked_attn(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                              struct ggml_tensor * v, struct ggml_tensor * mask, float scale,
+                                              int64_t chunk_bytes, int64_t tail_from);
 
 // Patch embedding of images (a stride-p convolution) as im2col + one matmul: ggml_conv_2d would round the
 // pixels to f16 in its im2col; this keeps them f32. pixels: [W, H, 3(, T)]; kernel: [p, p, 3, d].

@@ -251,6 +251,7 @@ void vtrim_model_params_default(struct vtrim_model_params * p) {
     p->vocab_only = false;
     p->use_mmap = true;
     p->image_cache_bytes = (int64_t) 256 << 20;
+    p->vision_attn = VTRIM_VISION_ATTN_AUTO;
 }
 
 static int32_t load(struct vtrim_model * m, const char * path, const char * mmproj,
@@ -284,7 +285,12 @@ static int32_t load(struct vtrim_model * m, const char * path, const char * mmpr
     if ((rc = arch->read_hparams(m, files[0].gguf, *n_files > 1 ? files[1].gguf : NULL)) < 0) {
         return rc;
     }
+    if (p->vision_attn < VTRIM_VISION_ATTN_AUTO || p->vision_attn > VTRIM_VISION_ATTN_CHUNKED) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vision_attn %d is not one of enum vtrim_vision_attn", p->vision_attn);
+    }
     m->dev = vtrim_pick_device(p->device, &rc);
+    m->vision_attn = (struct vtrim_attn_plan) {
+        p->vision_attn, m->dev && ggml_backend_dev_type(m->dev) == GGML_BACKEND_DEVICE_TYPE_CPU };
     if (rc < 0 || (rc = vtrim_rpc_connect(m, p->rpc_servers)) < 0) {
         return rc;
     }

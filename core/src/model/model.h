@@ -4,6 +4,7 @@
 
 #include "vtrim.h"
 
+#include "graph/graph.h"
 #include "model/mmap.h"
 #include "model/split.h"
 
@@ -78,6 +79,7 @@ struct vtrim_model {
     ggml_backend_buffer_t map_buf[VTRIM_MAX_WEIGHT_FILES];
     int64_t               n_bytes_mapped;
     struct vtrim_image_cache * image_cache;   // encoded images, shared by the contexts (runtime/image_cache.c)
+    struct vtrim_attn_plan   vision_attn;   // how the vision towers compute attention (graph/graph.h)
     int64_t n_params;
     int64_t n_bytes;
 

@@ -133,6 +133,7 @@ int32_t vtrim_clip_bind_tensors(struct vtrim_clip * v, const struct vtrim_model 
     const struct vtrim_clip_hparams * hp = &v->hp;
     const int64_t d = hp->n_embd, p = hp->patch_size, n_embd_text = m->text.n_embd;
     int32_t rc;
+    v->attn = m->vision_attn;
     if ((rc = vtrim_model_tensor(m, "v.patch_embd.weight", p, p, 3, &v->patch_embd)) < 0 ||
         (rc = vtrim_model_tensor(m, "v.class_embd", d, 1, 1, &v->class_embd)) < 0 ||
         (rc = vtrim_model_tensor(m, "v.position_embd.weight", d, hp->n_patches + 1, 1, &v->pos_embd)) < 0 ||
@@ -209,7 +210,7 @@ struct ggml_tensor * vtrim_clip_build_attn(struct ggml_context * ctx, const stru
         *q_out = q;
         *k_out = k;
     }
-    cur = vtrim_build_flash_attn(ctx, q, k, vv, NULL, vtrim_clip_attn_scale(v));
+    cur = vtrim_build_vision_attn(ctx, &v->attn, q, k, vv, NULL, vtrim_clip_attn_scale(v), n_pos);
     cur = vtrim_build_linear(ctx, cur, l->o_w, l->o_b);
     return ggml_add(ctx, cur, residual);
 }

@@ -35,6 +35,7 @@ struct vtrim_clip {
     struct ggml_tensor * patch_embd, * class_embd, * pos_embd, * pre_ln_w, * pre_ln_b;
     struct vtrim_clip_layer * layers;      // n_layer_run bound
     struct ggml_tensor * mm0_w, * mm0_b, * mm2_w, * mm2_b;
+    struct vtrim_attn_plan attn;          // the model's (vtrim_model_params.vision_attn)
 };
 
 // legacy: llama.cpp's mmproj layout (see clip.c for how its layer count differs).

@@ -65,9 +65,11 @@ struct vtrim_mllama_vision_inputs {
     struct ggml_tensor * mask;     // F16 [L, L], L = max_tiles * (n_pos + n_pad): see vtrim_mllama_vision_mask
 };
 
-// One image through the vision tower and the projector: [n_embd_text, max_tiles * n_pos] states.
+// One image of n_tiles real tiles through the vision tower and the projector: [n_embd_text, max_tiles * n_pos]
+// states.
 struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct ggml_cgraph * gf,
-                                               const struct vtrim_mllama * v, struct vtrim_mllama_vision_inputs * in);
+                                               const struct vtrim_mllama * v, const struct vtrim_attn_plan * attn,
+                                               int32_t n_tiles, struct vtrim_mllama_vision_inputs * in);
 // HF's aspect-ratio attention mask: a row and a column that are both padding (a padded tile, or a row
 // padding a tile to a multiple of 8) are masked; every other pair is visible. mask: L * L halves.
 void vtrim_mllama_vision_mask(const struct vtrim_mllama * v, int32_t n_tiles, ggml_fp16_t * mask);

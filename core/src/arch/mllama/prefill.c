@@ -164,7 +164,7 @@ int32_t vtrim_mllama_encode(struct vtrim_context * c, struct vtrim_image * const
             states = ggml_new_tensor_2d(gctx, GGML_TYPE_F32, n_embd, per_image);
             ggml_set_input(states);
         } else {
-            states = vtrim_mllama_build_vision(gctx, gf, v, &in);
+            states = vtrim_mllama_build_vision(gctx, gf, v, &m->vision_attn, n_tiles, &in);
             if (cacheable) {
                 ggml_set_output(states);
             }

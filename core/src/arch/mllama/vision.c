@@ -8,14 +8,15 @@
 // One vision layer; gated layers (global) scale both branches by tanh(gate).
 static struct ggml_tensor * vision_layer(struct ggml_context * ctx, const struct vtrim_mllama_hparams * hp,
                                          const struct vtrim_mllama_vision_layer * l, struct ggml_tensor * cur,
-                                         struct ggml_tensor * mask) {
+                                         struct ggml_tensor * mask, const struct vtrim_attn_plan * attn,
+                                         int64_t tail_from) {
     const int64_t d = hp->n_embd, head_dim = d / hp->n_head, n = cur->ne[1];
     struct ggml_tensor * residual = cur;
     cur = vtrim_build_layer_norm(ctx, cur, l->ln1_w, l->ln1_b, hp->eps);
     struct ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->q_w, cur), head_dim, hp->n_head, n);
     struct ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->k_w, cur), head_dim, hp->n_head, n);
     struct ggml_tensor * v = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l->v_w, cur), head_dim, hp->n_head, n);
-    cur = vtrim_build_flash_attn(ctx, q, k, v, mask, 1.0f / sqrtf((float) head_dim));
+    cur = vtrim_build_vision_attn(ctx, attn, q, k, v, mask, 1.0f / sqrtf((float) head_dim), tail_from);
     cur = ggml_mul_mat(ctx, l->o_w, cur);
     if (l->gate_attn) {
         cur = ggml_mul(ctx, cur, ggml_tanh(ctx, vtrim_f32(ctx, l->gate_attn)));
@@ -51,10 +52,13 @@ static struct ggml_tensor * unpad(struct ggml_context * ctx, const struct vtrim_
 }
 
 struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct ggml_cgraph * gf,
-                                               const struct vtrim_mllama * m, struct vtrim_mllama_vision_inputs * in) {
+                                               const struct vtrim_mllama * m, const struct vtrim_attn_plan * attn,
+                                               int32_t n_tiles, struct vtrim_mllama_vision_inputs * in) {
     const struct vtrim_mllama_hparams * hp = &m->hp;
     const int64_t d = hp->n_embd, T = hp->max_tiles, side = hp->tile_size / hp->patch_size;
     const int64_t n_patch = side * side, rows = hp->n_pos + hp->n_pad, L = rows * T;
+    // the padded tiles' rows see only the real tiles' (HF masks padding against padding)
+    const int64_t tail_from = rows * (n_tiles > 0 && n_tiles < T ? n_tiles : T);
 
     in->pixels = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, hp->tile_size, hp->tile_size, 3, T);
     in->ar_id = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);
@@ -87,7 +91,7 @@ struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct
 
     struct ggml_tensor * inter = NULL;                                         // [n_inter, d, n_pos * T]
     for (int il = 0; il < hp->n_layer; il++) {
-        cur = vision_layer(ctx, hp, &m->vlayers[il], cur, in->mask);
+        cur = vision_layer(ctx, hp, &m->vlayers[il], cur, in->mask, attn, tail_from);
         for (int32_t i = 0; i < hp->n_inter; i++) {
             if (hp->inter[i] == il) {
                 struct ggml_tensor * x = ggml_reshape_3d(ctx, unpad(ctx, hp, cur), 1, d, hp->n_pos * T);
@@ -100,7 +104,7 @@ struct ggml_tensor * vtrim_mllama_build_vision(struct ggml_context * ctx, struct
     cur = ggml_add(ctx, cur, tile_embd(ctx, hp, m->post_tile, m->post_tile_gate, in->ar_id));
     cur = ggml_reshape_2d(ctx, cur, d, L);
     for (int il = 0; il < hp->n_global_layer; il++) {
-        cur = vision_layer(ctx, hp, &m->vlayers[hp->n_layer + il], cur, in->mask);
+        cur = vision_layer(ctx, hp, &m->vlayers[hp->n_layer + il], cur, in->mask, attn, tail_from);
     }
     // [global, intermediates interleaved as HF's stack(dim=-1)] per token, then the projector.
     cur = unpad(ctx, hp, cur);
