@@ -374,8 +374,10 @@ VTRIM_API int32_t vtrim_get_memory(const struct vtrim_context * ctx, struct vtri
 
 /* What this machine's CPU backend sustains, for benchmarks to say how far from the limit a figure is: ggml's
  * matrix product of two n x n matrices (weights f32, f16 or bf16; activations f32), in FLOP/s (2 per
- * multiply-add), and a 256 MiB copy in bytes read + written per second. n_threads <= 0: all cores.
- * Takes a few seconds at n = 2048. */
+ * multiply-add), and a 256 MiB copy in bytes read + written per second; each the fastest of 3 runs.
+ * n_threads <= 0: all cores. With n_threads == 1 the time is the calling thread's CPU time (ggml then
+ * computes on it): steady on a machine shared with other work, and the right denominator for a one-thread
+ * benchmark that also counts CPU time; otherwise the wall clock. Takes a few seconds at n = 2048. */
 struct vtrim_machine_rates {
     double f32_flops;
     double f16_flops;
