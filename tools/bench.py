@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import CLIP_L_336, TEXT_SHAPES, best_of_prefills, vision_flops
+from bench_common import CLIP_L_336, TEXT_SHAPES, best_of_prefills, greedy_decode, vision_flops
 
 PROMPT = "Describe this picture in detail, then list every object you can see."
 
@@ -85,8 +85,6 @@ def run_one(path: str, reduce_spec: str, threads: int, n_decode: int, reps: int)
     """One configuration, in this process; reduce_spec as policies() reads it."""
     import resource
 
-    import numpy as np
-
     import pyvtrim
 
     reduce = policies(pyvtrim, reduce_spec)
@@ -95,13 +93,7 @@ def run_one(path: str, reduce_spec: str, threads: int, n_decode: int, reps: int)
         ids = m.tokenize(m.chat_prompt(PROMPT, 1))
         best, logits = best_of_prefills(m, ids, [img], reduce, reps)
         # decode: greedy continuation of the last prefill, ignoring end-of-generation
-        tok = int(np.argmax(logits))
-        t0 = time.perf_counter()
-        for _ in range(n_decode):
-            m.decode(tok)
-            tok = int(np.argmax(m.logits()))
-        dt = time.perf_counter() - t0
-        best["decode_tok_s"] = n_decode / dt
+        best["decode_tok_s"] = n_decode / greedy_decode(m, logits, n_decode)
         best["kv_cache_bytes_after_decode"] = m.last_stats["kv_cache_bytes"]
         info = m.info
     best["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

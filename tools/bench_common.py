@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
+from pathlib import Path
 
 TEXT_SHAPES = {
     # TinyLlama-1.1B: 22 layers, 2048 wide, 32 heads / 4 KV heads, ff 5632
@@ -62,3 +66,23 @@ def best_of_prefills(m, ids: list, images: list, reduce, reps: int):
                         prefill_flops=st["prefill_flops"], prefill_flops_full=st["prefill_flops_full"],
                         stages=st["stages"])
     return best, logits
+
+
+def greedy_decode(m, logits, n: int) -> float:
+    """Decodes n greedy tokens after `logits` (end-of-generation ignored); returns the seconds taken."""
+    import numpy as np
+
+    tok = int(np.argmax(logits))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        m.decode(tok)
+        tok = int(np.argmax(m.logits()))
+    return time.perf_counter() - t0
+
+
+def write_report(out: str, report: dict) -> None:
+    """Writes a benchmark's JSON with the machine and the date added."""
+    report = dict(report, machine=dict(platform=platform.platform(), cpus=os.cpu_count()),
+                  date=time.strftime("%Y-%m-%d %H:%M"))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")

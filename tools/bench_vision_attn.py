@@ -17,9 +17,6 @@ so its ratios are the steadier ones. Writes bench/results/vision_attn.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_mllama as bm  # noqa: E402
-from bench_common import machine_limits  # noqa: E402
+from bench_common import machine_limits, write_report  # noqa: E402
 
 SHAPE = "tower5"
 
@@ -131,15 +128,15 @@ def main(argv=None) -> int:
             g = (fl["matrix"] + fl["attention_chunked"]) / cpu["chunked"] / 1e6
             row["gflops_per_cpu_s_chunked"] = round(g, 1)
             row["share_of_f32_matmul_rate_cpu"] = round(g / limits["f32_gflops"], 3)
+            row["share_of_f16_matmul_rate_cpu"] = round(g / limits["f16_gflops"], 3)
+            h = cpu.get("transformers")
+            if h:
+                row["transformers_gflops_per_cpu_s"] = round((fl["matrix"] + fl["attention"]) / h / 1e6, 1)
         rows.append(row)
     for m in models.values():
         m.close()
-    report = dict(tool="bench_vision_attn", shape=SHAPE, model=str(path.name), threads=args.threads, reps=args.reps,
-                  machine_limits=limits,
-                  machine=dict(platform=platform.platform(), cpus=os.cpu_count()),
-                  date=time.strftime("%Y-%m-%d %H:%M"), rows=rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, dict(tool="bench_vision_attn", shape=SHAPE, model=str(path.name), threads=args.threads,
+                                reps=args.reps, machine_limits=limits, rows=rows))
     print("| tiles | flash s (CPU s) | chunked s (CPU s) | transformers s (CPU s) | chunked / flash (CPU) | "
           "chunked / transformers (CPU) | GFLOP/s (share of f32 / f16 matmul) |")
     print("|---|---|---|---|---|---|---|")
