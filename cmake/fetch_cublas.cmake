@@ -37,7 +37,7 @@ if(NOT CUDA_cublas_LIBRARY AND NOT VTRIM_CUBLAS_ROOT)
                            ARGS --only-binary=:all: --platform manylinux_2_5_x86_64)
     else()
         vtrim_url_download("${VTRIM_CUBLAS_URL}" "${VTRIM_CUBLAS_WHEEL}" "${VTRIM_CUBLAS_SHA256}" _wheel
-                           "set VTRIM_CUBLAS_URL to a copy of it, or VTRIM_CUBLAS_ROOT to a cuBLAS folder (include/, lib/)")
+                           "set VTRIM_CUBLAS_URL to a copy of it, or VTRIM_CUBLAS_ROOT to a cuBLAS folder")
     endif()
     get_filename_component(_cache "${_wheel}" DIRECTORY)
     set(_tree "${_cache}/nvidia-cublas-${VTRIM_CUBLAS_VERSION}")

@@ -10,7 +10,7 @@ set(VTRIM_LLAMA_CPP_PY_VERSION "0.3.36")
 set(VTRIM_LLAMA_CPP_PY_SHA256 "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
 # PyPI's address of that sdist (the simple index's link; the sha256 above is checked whatever the URL).
 set(VTRIM_GGML_URL "https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/llama_cpp_python-${VTRIM_LLAMA_CPP_PY_VERSION}.tar.gz"
-    CACHE STRING "Where the C-only build (VTRIM_PYTHON=OFF) downloads the pinned llama-cpp-python sdist (https:// or file://)")
+    CACHE STRING "Where the C-only build (VTRIM_PYTHON=OFF) downloads the pinned sdist (https://, file://)")
 
 if(NOT VTRIM_GGML_SOURCE AND DEFINED ENV{VTRIM_GGML_SOURCE})
     set(VTRIM_GGML_SOURCE "$ENV{VTRIM_GGML_SOURCE}")

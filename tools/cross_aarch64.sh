@@ -37,7 +37,8 @@ if [ ${#missing[@]} -gt 0 ]; then
         export DEBIAN_FRONTEND=noninteractive
         # a machine whose package lists were never fetched (a fresh container) needs them first
         apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1 ||
-            { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
+            { apt-get update -q >/dev/null &&
+              apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; }
         qemu="$(command -v qemu-aarch64 || command -v qemu-aarch64-static)"
     else
         echo "tools/cross_aarch64.sh needs ${missing[*]} (Debian: apt-get install ${missing[*]})" >&2
@@ -64,7 +65,8 @@ build() {   # build <folder> [cmake args...]: configure once, then an incrementa
             -DVTRIM_STATIC=ON -DVTRIM_RPC=OFF -DVTRIM_BUILD_TESTS=OFF "${url[@]}" "$@" >"$dir.configure.log" 2>&1 ||
             { cat "$dir.configure.log" >&2; exit 1; }
     fi
-    VTRIM_CACHE_DIR="$edge" cmake --build "$dir" -j "$jobs" >"$dir.build.log" 2>&1 || { tail -50 "$dir.build.log" >&2; exit 1; }
+    VTRIM_CACHE_DIR="$edge" cmake --build "$dir" -j "$jobs" >"$dir.build.log" 2>&1 ||
+        { tail -50 "$dir.build.log" >&2; exit 1; }
 }
 x86="$edge/build-x86_64"
 arm="$edge/build-aarch64"
@@ -84,23 +86,33 @@ for exe in "$x86/vtrim-cli" "$arm/vtrim-cli"; do
         exit 1
     fi
 done
-readelf -h "$arm/vtrim-cli" | grep -q "AArch64" || { echo "FAIL: $arm/vtrim-cli is not an AArch64 program" >&2; exit 1; }
+readelf -h "$arm/vtrim-cli" | grep -q "AArch64" ||
+    { echo "FAIL: $arm/vtrim-cli is not an AArch64 program" >&2; exit 1; }
 
 # -- one tiny model, one image, the same two questions -----------------------------------------------------
-PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" tests/fuzz/make_seeds.py "$edge/seeds" >/dev/null
+# written again only when its writer changed (the converter, the demo's tensors): Python's start-up and the
+# writer are most of a warm run
 model="$edge/seeds/models/llava-tiny-f32.gguf"
+stamp="$(cat tests/fuzz/make_seeds.py pyvtrim/demo.py pyvtrim/conversion/*.py | sha256sum | cut -c1-16)"
+if [ ! -f "$model" ] || [ "$(cat "$edge/seeds.stamp" 2>/dev/null)" != "$stamp" ]; then
+    PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$python" tests/fuzz/make_seeds.py "$edge/seeds" >/dev/null
+    echo "$stamp" >"$edge/seeds.stamp"
+fi
 image="$edge/picture.ppm"
-"$python" - "$image" <<'PY'
-import sys
-w, h = 40, 30   # a colour gradient (binary PPM: stb_image reads it in C, no library needed)
-px = bytes(v for y in range(h) for x in range(w) for v in (x * 6, y * 8, (x * y) % 256))
-open(sys.argv[1], "wb").write(b"P6\n%d %d\n255\n" % (w, h) + px)
-PY
+# a 40 x 30 colour gradient as a binary PPM (stb_image reads it in C; written here without Python)
+pixels=""
+for ((y = 0; y < 30; y++)); do
+    for ((x = 0; x < 40; x++)); do
+        printf -v px '\\%03o\\%03o\\%03o' $((x * 6)) $((y * 8)) $((x * y % 256))
+        pixels+="$px"
+    done
+done
+printf 'P6\n40 30\n255\n%b' "$pixels" >"$image"
 questions=$'What is in the picture?\nAnd what colour is it?\n'
 chat() {   # chat <name> <program...>: the interactive chat, two turns, token ids on stderr
     local name="$1"
     shift
-    "$@" -m "$model" --image "$image" -n "$n_predict" -t 2 -c 512 --temp 0 --print-tokens \
+    "$@" -m "$model" --image "$image" -n "$n_predict" -t 1 -c 512 --temp 0 --print-tokens \
         <<<"$questions" >"$edge/$name.out" 2>"$edge/$name.err" || { cat "$edge/$name.err" >&2; exit 1; }
     # one line per answer (in interactive mode after the "> " prompt)
     grep -o 'tokens:[0-9 ]*' "$edge/$name.err" >"$edge/$name.tokens" || true
@@ -117,7 +129,8 @@ counts="$(awk '{ printf "%s%d", (NR > 1 ? "+" : ""), NF - 1 }' "$edge/x86_64.tok
 {
     echo "static vtrim-cli x86_64:  $(size "$x86/vtrim-cli") bytes ($(size "$x86/vtrim-cli.stripped") stripped)"
     echo "static vtrim-cli aarch64: $(size "$arm/vtrim-cli") bytes ($(size "$arm/vtrim-cli.stripped") stripped)"
-    echo "builds: x86_64 ${t_x86} s, aarch64 ${t_arm} s; chats: x86_64 ${t_run_x86} s, aarch64 under qemu ${t_run_arm} s"
+    echo "builds: x86_64 ${t_x86} s, aarch64 ${t_arm} s;" \
+         "chats: x86_64 ${t_run_x86} s, aarch64 under qemu ${t_run_arm} s"
     echo "tokens per turn: $counts"
 } | tee "$edge/summary.txt"
 if [ "$(wc -l <"$edge/x86_64.tokens")" -ne 2 ] || ! cmp -s "$edge/x86_64.tokens" "$edge/aarch64.tokens" ||
