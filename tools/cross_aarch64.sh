@@ -5,7 +5,7 @@
 #
 #     tools/cross_aarch64.sh            # exit 0: identical; 1: they differ (both outputs are printed)
 #
-# Needs: CMake, Ninja, Debian's gcc-aarch64-linux-gnu, g++-aarch64-linux-gnu and qemu-user (installed with
+# Needs: CMake, Ninja, Debian's gcc-aarch64-linux-gnu, g++-aarch64-linux-gnu and qemu-user (each installed with
 # apt-get when missing and this is root on Debian, as tools/fuzz.sh does with clang), and $PYTHON with
 # pyvtrim's dependencies to write the tiny model (tests/fuzz/make_seeds.py: the converter, no torch). The
 # builds themselves need no Python: VTRIM_PYTHON=OFF, the pinned ggml archive downloaded by CMake.
@@ -31,6 +31,7 @@ command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu l
 command -v aarch64-linux-gnu-g++ >/dev/null || missing+=(g++-aarch64-linux-gnu)
 [ -n "$qemu" ] || missing+=(qemu-user)
 command -v ninja >/dev/null || missing+=(ninja-build)
+command -v cmake >/dev/null || missing+=(cmake)   # bookworm's is 3.25; the build needs >= 3.21
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "installing ${missing[*]}"
