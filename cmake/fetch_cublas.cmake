@@ -1,5 +1,6 @@
 # cuBLAS for ggml's CUDA backend, when the CUDA toolkit on this machine has none (a toolkit with nvcc and cudart
-# only, as on our build machines). The pinned nvidia-cublas wheel is fetched once with pip into VTRIM_CACHE_DIR
+# only, as on our build machines). The pinned nvidia-cublas wheel is fetched once with pip (the C-only build:
+# with CMake from VTRIM_CUBLAS_URL) into VTRIM_CACHE_DIR
 # (default ~/.cache/pyvtrim), verified by sha256 and unpacked there; its headers and libraries are handed to
 # FindCUDAToolkit through its own cache variables, so ggml's `CUDA::cublas` target resolves to them.
 # At run time libvtrim finds them through its RPATH: the installed nvidia-cublas package (the `[cuda]` extra)
@@ -8,6 +9,8 @@
 set(VTRIM_CUBLAS_VERSION "13.10.0.20")
 set(VTRIM_CUBLAS_WHEEL "nvidia_cublas-${VTRIM_CUBLAS_VERSION}-py3-none-manylinux1_x86_64.manylinux_2_5_x86_64.whl")
 set(VTRIM_CUBLAS_SHA256 "dcc6d63884c53d07e267ce7e6feac17b2538cebaafec5db865736c3e28e4dc84")
+set(VTRIM_CUBLAS_URL "https://files.pythonhosted.org/packages/b4/12/16628161ed8c109c8c73b38167df50cbc630a8a6e6548e2534d461526c3c/${VTRIM_CUBLAS_WHEEL}"
+    CACHE STRING "Where the C-only build (VTRIM_PYTHON=OFF) downloads the pinned nvidia-cublas wheel")
 
 find_package(CUDAToolkit REQUIRED)
 if(NOT VTRIM_CUBLAS_ROOT AND DEFINED ENV{VTRIM_CUBLAS_ROOT})
@@ -28,9 +31,14 @@ if(NOT CUDA_cublas_LIBRARY AND NOT VTRIM_CUBLAS_ROOT)
         message(FATAL_ERROR "pyvtrim: the CUDA toolkit has no cuBLAS; install it, or set VTRIM_CUBLAS_ROOT to a "
                             "folder with include/cublas_v2.h and lib/libcublas.so")
     endif()
-    vtrim_pip_download("nvidia-cublas==${VTRIM_CUBLAS_VERSION}" "${VTRIM_CUBLAS_WHEEL}" "${VTRIM_CUBLAS_SHA256}"
-                       _wheel "set VTRIM_CUBLAS_ROOT to a cuBLAS folder (include/, lib/)"
-                       ARGS --only-binary=:all: --platform manylinux_2_5_x86_64)
+    if(VTRIM_PYTHON)
+        vtrim_pip_download("nvidia-cublas==${VTRIM_CUBLAS_VERSION}" "${VTRIM_CUBLAS_WHEEL}" "${VTRIM_CUBLAS_SHA256}"
+                           _wheel "set VTRIM_CUBLAS_ROOT to a cuBLAS folder (include/, lib/)"
+                           ARGS --only-binary=:all: --platform manylinux_2_5_x86_64)
+    else()
+        vtrim_url_download("${VTRIM_CUBLAS_URL}" "${VTRIM_CUBLAS_WHEEL}" "${VTRIM_CUBLAS_SHA256}" _wheel
+                           "set VTRIM_CUBLAS_URL to a copy of it, or VTRIM_CUBLAS_ROOT to a cuBLAS folder")
+    endif()
     get_filename_component(_cache "${_wheel}" DIRECTORY)
     set(_tree "${_cache}/nvidia-cublas-${VTRIM_CUBLAS_VERSION}")
     if(NOT EXISTS "${_tree}/nvidia/cu13/include/cublas_v2.h")

@@ -4,6 +4,7 @@ conversation, reports why an answer stopped, recovers from a full context, and r
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -108,6 +109,30 @@ def test_interactive_conversation_matches_the_python_chat(llava_tiny, image_path
         chat = m.start_chat(max_tokens=6)
         expected = chat.ask("What is it?", str(image_path)) + "\n" + chat.ask("And then?") + "\n"
     assert r.stdout == expected
+
+
+def test_print_tokens_gives_the_ids_generate_returns(llava_tiny, image_path: Path) -> None:
+    """--print-tokens (what tools/cross_aarch64.sh compares across CPUs): one line of ids per answer on stderr,
+    those of the Python API's generate() on the same prompt; the answers on stdout are unchanged."""
+    args = ["-m", str(llava_tiny.gguf), "--image", str(image_path), "-p", QUESTION, "-n", "8", "-t", "2", "-c", "1024"]
+    plain = _run(args)
+    r = _run(args + ["--print-tokens"])
+    assert r.returncode == 0 and plain.returncode == 0, r.stderr
+    assert r.stdout == plain.stdout
+    assert "tokens:" not in plain.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("tokens:")]
+    assert len(lines) == 1, r.stderr
+    ids = [int(t) for t in lines[0].split()[1:]]
+    with pyvtrim.Model(llava_tiny.gguf, n_ctx=1024, n_threads=2) as m:
+        prompt = m.tokenize(m.chat_prompt(QUESTION, 1))
+        assert ids == m.generate(prompt, [str(image_path)], max_tokens=8)
+        assert r.stdout == m.chat(str(image_path), QUESTION, max_tokens=8) + "\n"
+        assert r.stdout.strip() == m.detokenize(ids).strip()   # detokenize() drops SentencePiece's first space
+    i = _run(args[:4] + ["-n", "5", "-t", "2", "-c", "1024", "--print-tokens"], stdin="What is it?\nAnd then?\n\n")
+    assert i.returncode == 0, i.stderr
+    # interactive: each line follows the "> " prompt on stderr
+    turns = re.findall(r"^(?:> )?tokens:((?: \d+)*)$", i.stderr, re.M)
+    assert len(turns) == 2 and all(len(t.split()) == 5 for t in turns), i.stderr
 
 
 def test_length_and_full_context(llava_tiny, image_path: Path) -> None:

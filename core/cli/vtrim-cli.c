@@ -27,6 +27,7 @@ struct options {
     float trim;             // Trimmed Llama's k_ratio, when has_trim
     bool has_trim;
     bool no_mmap;
+    bool print_tokens;      // the generated ids on stderr after each answer
 };
 
 static const char * k_usage =
@@ -59,6 +60,8 @@ static const char * k_usage =
     "                       cache per layer (e.g. 0.1), chosen per layer and KV head (LLaVA models)\n"
     "      --rpc H:P,...    ggml rpc-server hosts that take equal shares of the decoder layers\n"
     "      --no-mmap        read the weights into memory instead of mapping the file\n"
+    "      --print-tokens   after each answer, its token ids on stderr (a line \"tokens: 306 1017 ...\"; the\n"
+    "                       end-of-generation token is not included): compare builds, e.g. greedy on two CPUs\n"
     "  -h, --help           this text\n"
     "      --version        the library's version and backends\n"
     "\n"
@@ -158,6 +161,10 @@ static int parse(int argc, char ** argv, struct options * o) {
         }
         if (!strcmp(a, "--no-mmap")) {
             o->no_mmap = true;
+            continue;
+        }
+        if (!strcmp(a, "--print-tokens")) {
+            o->print_tokens = true;
             continue;
         }
         const char * v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -278,8 +285,18 @@ static int prefill_turn(struct vtrim_model * model, struct vtrim_context * ctx, 
 
 // One turn: prefill, then sample and print until an end of generation, n_predict tokens, a full context
 // or Ctrl-C. Prints why it ended with the timings.
+// The ids as the Python API's generate() returns them: the answer's tokens, without the closing EOG.
+static void write_token_ids(const int32_t * tokens, int32_t n) {
+    fputs("tokens:", stderr);
+    for (int32_t i = 0; i < n; i++) {
+        fprintf(stderr, " %d", tokens[i]);
+    }
+    fputc('\n', stderr);
+}
+
 static int turn(struct vtrim_model * model, struct vtrim_context * ctx, struct vtrim_sampler * smp,
-                struct conversation * conv, const char * question, struct vtrim_image * image, long n_predict) {
+                struct conversation * conv, const char * question, struct vtrim_image * image, long n_predict,
+                bool show_tokens) {
     if (prefill_turn(model, ctx, conv, question, image) != 0) {
         return 1;
     }
@@ -347,10 +364,13 @@ static int turn(struct vtrim_model * model, struct vtrim_context * ctx, struct v
             rc = fail("decode");
         }
     }
-    free(reply);
     free(text);
     printf("\n");
     fflush(stdout);
+    if (rc == 0 && show_tokens) {
+        write_token_ids(reply, n_reply);
+    }
+    free(reply);
     if (rc == 0) {
         struct vtrim_stats st;
         vtrim_get_stats(ctx, &st);
@@ -469,7 +489,7 @@ int main(int argc, char ** argv) {
     } else if (vtrim_sampler_init(&sp, &smp) != 0) {
         rc = fail("sampler");
     } else if (o.prompt) {
-        rc = turn(model, ctx, smp, &conv, o.prompt, image, o.n_predict);
+        rc = turn(model, ctx, smp, &conv, o.prompt, image, o.n_predict, o.print_tokens);
         if (rc == 0 && g_interrupted) {
             rc = 130;
         }
@@ -488,7 +508,7 @@ int main(int argc, char ** argv) {
             }
             // A failed turn (an image that fits nowhere, a question longer than the context) is reported and
             // the session goes on.
-            turn(model, ctx, smp, &conv, line, image, o.n_predict);
+            turn(model, ctx, smp, &conv, line, image, o.n_predict, o.print_tokens);
             free(line);
         }
     }
