@@ -283,8 +283,6 @@ static int prefill_turn(struct vtrim_model * model, struct vtrim_context * ctx, 
     return 1;
 }
 
-// One turn: prefill, then sample and print until an end of generation, n_predict tokens, a full context
-// or Ctrl-C. Prints why it ended with the timings.
 // The ids as the Python API's generate() returns them: the answer's tokens, without the closing EOG.
 static void write_token_ids(const int32_t * tokens, int32_t n) {
     fputs("tokens:", stderr);
@@ -294,6 +292,8 @@ static void write_token_ids(const int32_t * tokens, int32_t n) {
     fputc('\n', stderr);
 }
 
+// One turn: prefill, then sample and print until an end of generation, n_predict tokens, a full context
+// or Ctrl-C. Prints why it ended with the timings.
 static int turn(struct vtrim_model * model, struct vtrim_context * ctx, struct vtrim_sampler * smp,
                 struct conversation * conv, const char * question, struct vtrim_image * image, long n_predict,
                 bool show_tokens) {
