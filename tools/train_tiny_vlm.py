@@ -15,6 +15,9 @@ Staged recipe (end-to-end training from one answer token per example does not le
      of the object under each patch, whether an object's centre is there, the patch's row and column);
   2. projector + decoder on the questions, tower frozen (answer-only loss);
   3. a short joint fine-tune of everything (answer loss + the dense loss, tower at a lower learning rate).
+Optionally first (--steps0 / --minutes0 / --resume-stage0) stage 0: the decoder on symbolic image tokens (learned
+rows of each patch's true labels), then stage 1c: the projector trained to produce those tokens from the tower.
+Several questions about one image share a sequence as a tree (each sees the image and itself only).
 AdamW, linear warm-up + cosine decay per stage. Held-out accuracy is measured on a different generator seed.
 The summary JSON (``<out-dir>/train_summary.json``) records the seeds, steps, times and accuracies.
 """
