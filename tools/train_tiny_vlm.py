@@ -15,6 +15,9 @@ Staged recipe (end-to-end training from one answer token per example does not le
      of the object under each patch, whether an object's centre is there, the patch's row and column);
   2. projector + decoder on the questions, tower frozen (answer-only loss);
   3. a short joint fine-tune of everything (answer loss + the dense loss, tower at a lower learning rate).
+Optionally first (--steps0 / --minutes0 / --resume-stage0) stage 0: the decoder on symbolic image tokens (learned
+rows of each patch's true labels), then stage 1c: the projector trained to produce those tokens from the tower.
+Several questions about one image share a sequence as a tree (each sees the image and itself only).
 AdamW, linear warm-up + cosine decay per stage. Held-out accuracy is measured on a different generator seed.
 The summary JSON (``<out-dir>/train_summary.json``) records the seeds, steps, times and accuracies.
 """
@@ -137,6 +140,17 @@ LABELS = ("colour", "shape", "size", "centre", "row", "col")
 LABEL_CLASSES = (sv.N_COLOUR_CLASSES, sv.N_SHAPE_CLASSES, sv.N_SIZE_CLASSES, 2, 12, 12)
 
 
+# The joint class of a patch: (colour, shape, size, centre) as one index, so that a conjunction ("a blue triangle",
+# "the centre of a red object") is one key for the decoder's attention rather than a sum of separate ones.
+N_JOINT = sv.N_COLOUR_CLASSES * sv.N_SHAPE_CLASSES * sv.N_SIZE_CLASSES * 2
+
+
+def joint_index(labels):
+    """labels [..., 6, 144] (numpy or torch ints) -> [..., 144]: the (colour, shape, size, centre) class."""
+    c, s, z, m = (labels[..., j, :] for j in range(4))
+    return ((c * sv.N_SHAPE_CLASSES + s) * sv.N_SIZE_CLASSES + z) * 2 + m
+
+
 def scene_labels(s: sv.Scene) -> np.ndarray:
     """[6, 144] int: per patch the LABELS (colour, shape and size of the object there, its centre, row, column)."""
     lab = sv.patch_labels(s, PATCH)
@@ -147,8 +161,8 @@ def scene_labels(s: sv.Scene) -> np.ndarray:
 class Pool:
     """A fixed set of training scenes (images, per-patch labels), questions drawn afresh each time."""
 
-    def __init__(self, seed: int, n: int, cache: Path = None):
-        self.seed, self.n = seed, n
+    def __init__(self, seed: int, n: int, cache: Path = None, distinct: bool = False):
+        self.seed, self.n, self.distinct = seed, n, distinct
         f = cache / f"pool-{seed}-{n}.pkl" if cache else None
         if f is not None and f.is_file():
             with open(f, "rb") as fh:
@@ -185,9 +199,13 @@ class Pool:
         return np.array(idx)
 
     def batch_groups(self, b: int, per: int, max_objects: int = sv.MAX_OBJECTS):
-        """b scenes with `per` questions each (as turns of one conversation)."""
+        """b scenes with up to `per` questions each (as turns of one conversation); with `distinct` no question
+        repeats an earlier one of its pack (a repeat is answered by copying the earlier answer, not from the image:
+        24% of 10-question packs)."""
         idx = self.pick(b, max_objects)
         groups = [sv.questions(self.scene(int(i)), per, seed=int(self.rng.integers(1 << 30))) for i in idx]
+        if self.distinct:
+            groups = [[q for k, q in enumerate(g) if all(q.text != p.text for p in g[:k])] for g in groups]
         return idx, normalize(self.images[idx]), groups
 
     def batch_questions(self, b: int, prompts: Prompts, max_objects: int = sv.MAX_OBJECTS):
@@ -201,7 +219,7 @@ class Pool:
 # ------------------------------------------------------------------------------------------------
 
 
-def SymbolicTokens(d: int, tie=None):
+def SymbolicTokens(d: int, tie=None, joint: bool = False):
     """Image tokens made of the true per-patch labels: a sum of one learned row per label (colour, shape, size,
     centre, row, column). The decoder learns to answer from these first (stage 0, no vision tower in the loop,
     so steps are cheap and the retrieval is learnt from clean keys); the projector is then trained to produce
@@ -209,13 +227,18 @@ def SymbolicTokens(d: int, tie=None):
 
     tie: (the decoder's token embedding, {label index: token ids of its classes 1..}) to use the words' own
     embedding rows (scaled by a learned factor) for the colour, shape and size of a patch: the question's
-    "red" then finds the red patches by the same vector, as LLaVA's projector maps into the word space."""
+    "red" then finds the red patches by the same vector, as LLaVA's projector maps into the word space.
+
+    joint: add one more learned row per (colour, shape, size, centre) class (joint_index): still the patch's own
+    facts, but a conjunction becomes a single key (without it, "Is there a blue triangle?" and "How many red
+    shapes?" stayed at a constant answer for 2,000 steps)."""
     import torch
 
     class _Symbolic(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.tables = torch.nn.ModuleList(torch.nn.Embedding(n, d) for n in LABEL_CLASSES)
+            self.tables = torch.nn.ModuleList(torch.nn.Embedding(n, d) for n in LABEL_CLASSES + ((N_JOINT,) if joint
+                                                                                             else ()))
             for t in self.tables:
                 torch.nn.init.normal_(t.weight, 0.0, d ** -0.5)
             object.__setattr__(self, "_word", tie[0] if tie else None)   # not a submodule: the decoder's
@@ -229,7 +252,7 @@ def SymbolicTokens(d: int, tie=None):
         def forward(self, labels):  # [B, 6, 144] -> [B, 144, d]
             out = 0
             for j, t in enumerate(self.tables):
-                y = labels[:, j]
+                y = labels[:, j] if j < len(LABELS) else joint_index(labels)
                 e = t(y)
                 if j in self.tied:
                     w = self._word(getattr(self, self.tied[j])[y]) * self.scale
@@ -241,11 +264,12 @@ def SymbolicTokens(d: int, tie=None):
 
 
 class Trainer:
-    def __init__(self, model, prompts: Prompts, device, shape_weight: float = 1.0, tie_words: bool = False):
+    def __init__(self, model, prompts: Prompts, device, shape_weight: float = 1.0, tie_words: bool = False,
+                 symbolic_joint: bool = False, tree: bool = False):
         import torch
 
         self.torch, self.model, self.prompts, self.device = torch, model, prompts, device
-        self.shape_weight = shape_weight
+        self.shape_weight, self.tree = shape_weight, tree
         self.core = model.model
         def heads(d):
             return torch.nn.ModuleDict({
@@ -264,7 +288,7 @@ class Trainer:
 
             tie = (model.model.language_model.embed_tokens,
                    {0: [word(c) for c in sv.COLOURS], 1: [word(x) for x in sv.SHAPES], 2: [word("small"), word("large")]})
-        self.symbolic = SymbolicTokens(model.config.text_config.hidden_size, tie).to(device)
+        self.symbolic = SymbolicTokens(model.config.text_config.hidden_size, tie, joint=symbolic_joint).to(device)
 
     def vision_features(self, pixels):
         out = self.core.vision_tower(pixels, output_hidden_states=True)
@@ -298,6 +322,8 @@ class Trainer:
 
     def packed_logits_from_tokens(self, img, groups):
         """packed_logits with the image tokens given ([B, 144, d]: the projector's output or symbolic tokens)."""
+        if self.tree and any(len(g) > 1 for g in groups):
+            return self.tree_logits_from_tokens(img, groups)
         torch = self.torch
         packs = [self.prompts.packed(g) for g in groups]
         T = max(len(p[0]) for p in packs)
@@ -312,6 +338,53 @@ class Trainer:
         emb = lm.embed_tokens(ids)
         emb = emb.masked_scatter((ids == IMAGE_TOKEN_ID).unsqueeze(-1), img.to(emb.dtype))
         h = lm(inputs_embeds=emb, use_cache=False).last_hidden_state
+        h = h[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
+        return self.model.lm_head(h)
+
+    def tree_logits_from_tokens(self, img, groups):
+        """Several questions about one image in one sequence, each as if asked alone: "<s>USER: <image>" once, then
+        each question's "\n<question> ASSISTANT:" with an attention mask that lets it see the image and itself only,
+        at the positions it has in a single-question prompt. The logits equal answer_logits' for every question
+        (tests/test_train_tiny_vlm.py), at about the cost of one multi-turn sequence: no earlier question's words
+        or answers to confuse the look-up, and no copying of a repeated question's answer."""
+        torch = self.torch
+        first = self.prompts.ids(groups[0][0].text)
+        k = first.index(IMAGE_TOKEN_ID) + N_PATCHES  # BOS, "USER:", the image tokens
+        rows_ids, rows_pos, rows_seg, rows, cols = [], [], [], [], []
+        for b, g in enumerate(groups):
+            ids, pos, seg = list(first[:k]), list(range(k)), [0] * k
+            for j, q in enumerate(g):
+                full = self.prompts.ids(q.text)
+                assert full[:k] == first[:k], "the prompts share their prefix up to the image"
+                tail = full[k:]
+                ids += tail
+                pos += range(k, k + len(tail))
+                seg += [j + 1] * len(tail)
+                rows.append(b)
+                cols.append(len(ids) - 1)
+            rows_ids.append(ids), rows_pos.append(pos), rows_seg.append(seg)
+        T = max(len(r) for r in rows_ids)
+        B = len(groups)
+        ids = torch.full((B, T), PAD_TOKEN_ID, dtype=torch.long)
+        pos = torch.zeros((B, T), dtype=torch.long)
+        seg = torch.full((B, T), -1, dtype=torch.long)  # -1: padding
+        for b in range(B):
+            n = len(rows_ids[b])
+            ids[b, :n] = torch.tensor(rows_ids[b])
+            pos[b, :n] = torch.tensor(rows_pos[b])
+            seg[b, :n] = torch.tensor(rows_seg[b])
+        qi, ki = seg.unsqueeze(2), seg.unsqueeze(1)  # [B, T, 1], [B, 1, T]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        allowed = causal & ((ki == 0) | (ki == qi))
+        allowed |= torch.eye(T, dtype=torch.bool)  # padding rows see themselves (no empty row)
+        ids, pos = ids.to(self.device), pos.to(self.device)
+        lm = self.core.language_model
+        emb = lm.embed_tokens(ids)
+        emb = emb.masked_scatter((ids == IMAGE_TOKEN_ID).unsqueeze(-1), img.to(emb.dtype))
+        mask = torch.zeros((B, 1, T, T), dtype=emb.dtype)
+        mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(emb.dtype).min)
+        h = lm(inputs_embeds=emb, attention_mask=mask.to(self.device), position_ids=pos,
+               use_cache=False).last_hidden_state
         h = h[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
         return self.model.lm_head(h)
 
@@ -412,6 +485,18 @@ def main(argv=None):
     ap.add_argument("--lr0", type=float, default=2e-3)
     ap.add_argument("--tie-words", type=int, default=0,
                     help="stage 0's colour, shape and size rows are the words' own embeddings (scaled)")
+    ap.add_argument("--symbolic-joint", type=int, default=0,
+                    help="stage 0's tokens also get one learned row per (colour, shape, size, centre) class, so a "
+                         "conjunction (a blue triangle, a red object's centre) is one key")
+    ap.add_argument("--resume-stage0", type=Path, default=None,
+                    help="a stage0.pt (symbolic tokens, decoder, lm_head) to start from instead of running stage 0 "
+                         "(--steps0 / --minutes0 then add more steps; give the same --symbolic-joint / --tie-words)")
+    ap.add_argument("--tree-pack", type=int, default=1,
+                    help="a pack's questions each see the image and themselves only, at single-question positions "
+                         "(a 4-D attention mask; 0: the older multi-turn conversation, where later questions also "
+                         "see the earlier ones and their answers)")
+    ap.add_argument("--distinct-questions", type=int, default=1,
+                    help="no question repeats an earlier one in its pack (a repeat is answered by copying)")
     ap.add_argument("--steps1c", type=int, default=400, help="projector steps onto the symbolic tokens (stage 1c)")
     ap.add_argument("--steps1", type=int, default=600)
     ap.add_argument("--steps2", type=int, default=1200)
@@ -470,9 +555,10 @@ def main(argv=None):
     save_tokenizer_and_preprocessor(out)
     tok = AutoTokenizer.from_pretrained(str(out))
     prompts = Prompts(tok)
-    trainer = Trainer(model, prompts, device, shape_weight=args.shape_weight, tie_words=bool(args.tie_words))
+    trainer = Trainer(model, prompts, device, shape_weight=args.shape_weight, tie_words=bool(args.tie_words),
+                      symbolic_joint=bool(args.symbolic_joint), tree=bool(args.tree_pack))
     log(f"device {device}; params {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; building the pool")
-    pool = Pool(args.seed, args.pool, cache=out.parent / "pool-cache")
+    pool = Pool(args.seed, args.pool, cache=out.parent / "pool-cache", distinct=bool(args.distinct_questions))
     ev = sv.held_out(args.eval_seed, args.n_eval)
     log(f"pool of {args.pool} scenes, {len(ev)} held-out questions (seed {args.eval_seed})")
     summary = dict(seed=args.seed, eval_seed=args.eval_seed, n_eval=args.n_eval, pool=args.pool, device=str(device),
@@ -501,7 +587,10 @@ def main(argv=None):
         return min(sv.MAX_OBJECTS, args.curriculum_start + step // args.curriculum)
 
     # Stage 0: the decoder learns to answer from symbolic image tokens (clean keys, no tower in the loop).
+    s0_steps = [0]
+
     def step0(step):
+        s0_steps[0] += 1
         idx, _, groups = pool.batch_groups(args.batch, args.per_image, max_objects=objects_cap(step))
         img = trainer.symbolic(torch.from_numpy(pool.labels[idx].astype(np.int64)).to(device))
         qs = [q for g in groups for q in g]
@@ -514,12 +603,21 @@ def main(argv=None):
         model.train()
         summary["evals"][tag] = dict(accuracy=round(acc, 4), by_kind=kinds, image_tokens="symbolic")
         log(f"eval {tag} (symbolic image tokens): held-out accuracy {acc:.4f} {kinds}")
-        torch.save({"symbolic": trainer.symbolic.state_dict(), "lm": lm.state_dict(), "head": head.state_dict()},
-                   out / "stage0.pt")
+        torch.save({"symbolic": trainer.symbolic.state_dict(), "lm": lm.state_dict(), "head": head.state_dict(),
+                    "steps": s0_steps[0]}, out / "stage0.pt")
         return acc
 
-    symbolic = args.steps0 > 0 or args.minutes0 > 0
-    if symbolic:
+    if args.resume_stage0:
+        sd = torch.load(args.resume_stage0, map_location=device)
+        trainer.symbolic.load_state_dict(sd["symbolic"])
+        lm.load_state_dict(sd["lm"])
+        head.load_state_dict(sd["head"])
+        s0_steps[0] = sd.get("steps") or 0
+        summary["stage0_resumed"] = dict(path=str(args.resume_stage0), steps=sd.get("steps"))
+        log(f"stage 0 from {args.resume_stage0} (steps {sd.get('steps')})")
+        evaluate_symbolic("stage0_resumed")
+    symbolic = args.steps0 > 0 or args.minutes0 > 0 or args.resume_stage0 is not None
+    if args.steps0 > 0 or args.minutes0 > 0:
         t0s, n0 = run_stage("stage0", [{"params": list(trainer.symbolic.parameters()) + lm_params +
                                         list(head.parameters()), "lr": args.lr0}], args.steps0, args.warmup2,
                             step0, 50, evaluate_symbolic, args.eval_every, seconds=60.0 * args.minutes0)
