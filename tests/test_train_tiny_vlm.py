@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
+import tiny_vlm as D  # noqa: E402
 import train_tiny_vlm as T  # noqa: E402
 
 from pyvtrim import synthvqa as sv  # noqa: E402
@@ -26,11 +27,11 @@ def setup(tmp_path_factory):
     from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("tiny-vlm-tok")
-    T.save_tokenizer_and_preprocessor(out)
-    prompts = T.Prompts(AutoTokenizer.from_pretrained(str(out)))
+    D.save_tokenizer_and_preprocessor(out)
+    prompts = D.Prompts(AutoTokenizer.from_pretrained(str(out)))
     torch.manual_seed(0)
-    hp = dict(T.DEFAULTS, vision_layers=1, text_layers=2)
-    model = T.build_model(hp)
+    hp = dict(D.DEFAULTS, vision_layers=1, text_layers=2)
+    model = D.build_model(hp)
     T.reinit([model.model.multi_modal_projector, model.model.language_model, model.lm_head], 0.088)
     model.eval()
     return model, prompts
@@ -40,16 +41,16 @@ def test_labels_follow_the_patch_order():
     """scene_labels is row-major over the 12 x 12 grid, as CLIP's patch embedding flattens; one centre per object."""
     for i in range(40):
         s = sv.sample(2, i)
-        lab = T.scene_labels(s)
-        assert lab.shape == (6, T.N_PATCHES)
+        lab = D.scene_labels(s)
+        assert lab.shape == (6, D.N_PATCHES)
         assert int(lab[3].sum()) == len(s.objects)
-        g = sv.IMAGE_SIZE // T.PATCH
+        g = sv.IMAGE_SIZE // D.PATCH
         for o in s.objects:
-            p = int(o.cy // T.PATCH) * g + int(o.cx // T.PATCH)
+            p = int(o.cy // D.PATCH) * g + int(o.cx // D.PATCH)
             assert lab[3, p] == 1 and lab[0, p] == list(sv.COLOURS).index(o.colour) + 1
-            assert lab[4, p] == int(o.cy // T.PATCH) and lab[5, p] == int(o.cx // T.PATCH)
-        j = T.joint_index(lab)
-        assert j.min() >= 0 and j.max() < T.N_JOINT
+            assert lab[4, p] == int(o.cy // D.PATCH) and lab[5, p] == int(o.cx // D.PATCH)
+        j = D.joint_index(lab)
+        assert j.min() >= 0 and j.max() < D.N_JOINT
 
 
 def test_patch_embedding_is_row_major(setup):
@@ -59,7 +60,7 @@ def test_patch_embedding_is_row_major(setup):
     img2 = img.copy()
     img2[0, 24:32, 56:64] = 255  # patch row 3, column 7
     with torch.no_grad():
-        d = (emb(torch.from_numpy(T.normalize(img))) - emb(torch.from_numpy(T.normalize(img2)))).abs().sum(-1)
+        d = (emb(torch.from_numpy(D.normalize(img))) - emb(torch.from_numpy(D.normalize(img2)))).abs().sum(-1)
     assert int(d[0, 1:].argmax()) == 3 * 12 + 7
 
 
@@ -69,7 +70,7 @@ def test_packed_answers_match_the_model(setup):
     tr = T.Trainer(model, prompts, torch.device("cpu"))
     scenes = [sv.sample(0, i) for i in range(2)]
     groups = [sv.questions(scenes[0], 1, seed=1), sv.questions(scenes[1], 3, seed=2)]
-    px = torch.from_numpy(T.normalize(np.stack([s.image for s in scenes])))
+    px = torch.from_numpy(D.normalize(np.stack([s.image for s in scenes])))
     with torch.no_grad():
         got = tr.packed_logits(tr.vision_features(px), groups)
         k = 0
@@ -88,7 +89,7 @@ def test_tree_packing_equals_single_questions(setup):
     scenes = [sv.sample(0, i) for i in range(3)]
     groups = [sv.questions(scenes[0], 1, seed=1), sv.questions(scenes[1], 5, seed=2),
               sv.questions(scenes[2], 3, seed=3)]
-    lab = torch.from_numpy(np.stack([T.scene_labels(s) for s in scenes]).astype(np.int64))
+    lab = torch.from_numpy(np.stack([D.scene_labels(s) for s in scenes]).astype(np.int64))
     with torch.no_grad():
         img = tr.symbolic(lab)
         got = tr.tree_logits_from_tokens(img, groups)
@@ -98,7 +99,7 @@ def test_tree_packing_equals_single_questions(setup):
 
 
 def test_distinct_questions():
-    pool = T.Pool(0, 40, distinct=True)
+    pool = D.Pool(0, 40, distinct=True)
     _, _, groups = pool.batch_groups(40, 10)
     for g in groups:
         assert len({q.text for q in g}) == len(g) >= 1

@@ -113,7 +113,7 @@ class Reference:
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
         from fastv_reference import FastVReference
-        from train_tiny_vlm import N_PATCHES, normalize
+        from tiny_vlm import N_PATCHES, normalize
 
         def expand_prompt(ids):
             k = ids.index(self.model.config.image_token_id)
