@@ -45,6 +45,17 @@ def test_negative_max_tokens_is_refused(model) -> None:
     assert model.last_stats["finish_reason"] == "length"
 
 
+def test_an_impossible_image_count_is_refused_before_any_allocation(model) -> None:
+    # Found by the chat_format fuzz target: 2^31 - 1 placeholders used to be allocated (~17 GB) and printed
+    # before the length check; now the size is computed first and the call fails at once.
+    with pytest.raises(pyvtrim.VtrimValueError, match="2\\^31"):
+        model.chat_prompt(QUESTION, 2**31 - 1)
+    with pytest.raises(pyvtrim.VtrimValueError):
+        model.chat_prompt(QUESTION, -1)
+    # a possible count is still formatted in full
+    assert model.chat_prompt(QUESTION, 3).count("<image>") == 3
+
+
 def test_n_ctx(llava_tiny) -> None:
     with pytest.raises(ValueError, match="n_ctx"):
         pyvtrim.Model(llava_tiny.gguf, n_ctx=-5)

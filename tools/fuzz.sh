@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(image model_load tokenize prefill)
+[ ${#targets[@]} -gt 0 ] || targets=(image model_load tokenize chat_format prefill)
 cache="${VTRIM_CACHE_DIR:-$HOME/.cache/pyvtrim}"
 build="$cache/build-fuzz"
 work="$cache/fuzz"
@@ -67,13 +67,13 @@ for t in "${targets[@]}"; do
     rm -f "$findings"/*
     model=""
     case "$t" in
-        image|prefill|tokenize) model="$seeds/models/llava-tiny-f32.gguf" ;;
+        image|prefill|tokenize|chat_format) model="$seeds/models/llava-tiny-f32.gguf" ;;
     esac
     max_len=4096
     [ "$t" = model_load ] && max_len=$((512 * 1024))
     log="$work/$t.log"
     set +e
-    VTRIM_FUZZ_MODEL="$model" "$build/fuzz_$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2560 \
+    VTRIM_FUZZ_MODEL="$model" VTRIM_FUZZ_MODEL_TEXT="$seeds/models/llava-tiny-pair.gguf" "$build/fuzz_$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2560 \
         -malloc_limit_mb=1024 -max_len="$max_len" -print_final_stats=1 -artifact_prefix="$findings/" \
         "$corpus" "$seeds/$t" tests/fuzz/corpus/$t >"$log" 2>&1
     rc=$?

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Seed corpora for the libFuzzer harnesses of tests/fuzz (tools/fuzz.sh runs this into its work folder).
 
-    python tests/fuzz/make_seeds.py OUT_DIR      # OUT_DIR/{image,model_load,tokenize,prefill}/ + OUT_DIR/models/
+    python tests/fuzz/make_seeds.py OUT_DIR      # OUT_DIR/{image,model_load,tokenize,chat_format,prefill}/ + OUT_DIR/models/
 
 The GGUF seeds are tiny real models written by pyvtrim's converter: a LLaVA with a 513-token vocabulary (the
 first 512 pieces of the real Llama-2 vocabulary and <image>), 32-wide towers of one or two layers, 28 px images
@@ -101,6 +101,16 @@ def tokenize(out: Path) -> None:
             (out / f"t{i}-{flags}").write_bytes(bytes([flags, i % 4]) + raw)
 
 
+def chat_format(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    questions = [b"What is in the picture?", b"", b"<image> twice <image>", "\u00e9 \U0001f642".encode(), b"\xff\xfe"]
+    counts = [0, 1, 3, -1, 2**31 - 1, 100000]
+    for m in range(4):
+        for i, q in enumerate(questions):
+            n = counts[(m + i) % len(counts)]
+            (out / f"m{m}-q{i}").write_bytes(bytes([m]) + struct.pack("<i", n) + q)
+
+
 def prefill(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
@@ -127,6 +137,7 @@ def main(argv=None) -> int:
         (out / "model_load" / p.name).write_bytes(p.read_bytes())
     images(out / "image")
     tokenize(out / "tokenize")
+    chat_format(out / "chat_format")
     prefill(out / "prefill")
     (out / "models" / "paths.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}))
     return 0

@@ -82,31 +82,30 @@ int32_t vtrim_arch_read_image_common(const struct gguf_context * g, const char *
     return 0;
 }
 
+static char * append(char * p, const char * s) {
+    const size_t n = strlen(s);
+    memcpy(p, s, n);
+    return p + n;
+}
+
 int32_t vtrim_chat_template_format(const struct vtrim_chat_template * t, const char * image, int32_t n_images,
                                    const char * question, char * text, int32_t n_max, int32_t * n_out) {
-    const size_t need = strlen(t->prefix) + (size_t) n_images * (strlen(image) + strlen(t->image_sep)) +
-                        strlen(question) + strlen(t->suffix) + 1;
-    char * buf = malloc(need);
-    if (!buf) {
-        return vtrim_fail(VTRIM_ERR_OUT_OF_MEMORY, "out of memory");
+    // Sized before anything is allocated: a probe (n_max = 0) or an impossible n_images costs no memory.
+    const size_t per_image = strlen(image) + strlen(t->image_sep);
+    const size_t fixed = strlen(t->prefix) + strlen(question) + strlen(t->suffix);
+    if (fixed > INT32_MAX || (per_image > 0 && (size_t) n_images > (INT32_MAX - fixed) / per_image)) {
+        return vtrim_fail(VTRIM_ERR_INVALID_ARG, "vtrim_chat_format: the prompt would exceed 2^31 - 1 bytes");
     }
-    size_t len = (size_t) snprintf(buf, need, "%s", t->prefix);
+    const size_t len = fixed + (size_t) n_images * per_image;
+    *n_out = (int32_t) len;
+    if ((int32_t) len > n_max) {
+        return vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_chat_format: needs %zu bytes", len);
+    }
+    // The caller's buffer need not hold the NUL, so the pieces are copied rather than printed.
+    char * p = append(text, t->prefix);
     for (int32_t i = 0; i < n_images; i++) {
-        len += (size_t) snprintf(buf + len, need - len, "%s%s", image, t->image_sep);
+        p = append(append(p, image), t->image_sep);
     }
-    len += (size_t) snprintf(buf + len, need - len, "%s%s", question, t->suffix);
-    int32_t rc = 0;
-    if (len > INT32_MAX) {
-        rc = vtrim_fail(VTRIM_ERR_INVALID_ARG, "prompt too long");
-    } else {
-        // The caller's buffer need not hold the NUL.
-        *n_out = (int32_t) len;
-        if ((int32_t) len > n_max) {
-            rc = vtrim_fail(VTRIM_ERR_BUFFER_TOO_SMALL, "vtrim_chat_format: needs %zu bytes", len);
-        } else {
-            memcpy(text, buf, len);
-        }
-    }
-    free(buf);
-    return rc;
+    append(append(p, question), t->suffix);
+    return 0;
 }
