@@ -2,7 +2,8 @@
 """Memory-mapped weights against weights read into the heap: load time, memory, decode speed.
 
 The model is bench.py's TinyLlama-shaped LLaVA-1.5 (CLIP ViT-L/336 + a 22-layer 2048-wide Llama, random
-weights) quantized here to q8_0 with `pyvtrim.quantize` (the file is cached next to the f16 one). Each
+weights) quantized here to q8_0 with `pyvtrim.quantize` (the file is cached next to the f16 one), or with
+--text 7b its 7B-shaped one (32 x 4096) written as q8_0 by the converter. Each
 load is measured in a fresh child process, alternating the two ways (mmap, heap, mmap, heap, ...): wall time
 of `Model(...)`, the anonymous and file-backed resident memory after it, and the peak resident set after a
 short prefill and 16 decode steps. The page cache is warm for every load but the first (the file was just
@@ -10,6 +11,7 @@ written or read): these are the figures of a second start, not a cold disk. Deco
 process, one step each in turn (order reversed every round), median of the paired step-time ratios.
 
     python tools/bench_load.py                      # writes bench/results/load.json
+    python tools/bench_load.py --text 7b --steps 16 --out bench/results/load-7b.json   # the 7B shape, 7 GB
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ print(json.dumps(dict(load_s=load_s, **after,
 """
 
 
-def model_file() -> Path:
+def model_file(text: str) -> Path:
     from bench import model_path
 
     import pyvtrim
 
+    if text != "tinyllama":
+        return model_path(text, "q8_0")   # written as q8_0 directly: a 7B f16 detour would take 13.5 GB more
     f16 = model_path("tinyllama", "f16")
     q8 = f16.with_name(f16.name.replace("-f16.gguf", "-q8_0.gguf"))
     if not q8.is_file():
@@ -65,6 +69,7 @@ def model_file() -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--text", default="tinyllama", choices=("tinyllama", "7b"), help="the Llama's shape")
     ap.add_argument("--loads", type=int, default=3, help="loads of each kind")
     ap.add_argument("--steps", type=int, default=32, help="paired decode rounds")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -75,7 +80,7 @@ def main() -> int:
 
     import pyvtrim
 
-    path = model_file()
+    path = model_file(args.text)
     loads = {"mmap": [], "heap": []}
     for _ in range(args.loads):
         for name, flag in (("mmap", "1"), ("heap", "0")):
