@@ -171,6 +171,41 @@ def test_tga_claiming_more_pixels_than_its_bytes_hold(name: str) -> None:
     assert "truncated TGA" in ffi.string(lib.vtrim_last_error()).decode()
 
 
+@pytest.mark.parametrize("name", ["jpeg-807-bytes-claiming-147mp", "jpeg-85-bytes-claiming-109mp"])
+def test_jpeg_claiming_more_blocks_than_its_bytes_hold(name: str) -> None:
+    """stb pads a short JPEG scan with zeros: these two (found by fuzz_image under ASan: 11 s and the slowest
+    unit of the run) decoded 147 and 109 MP from under a kilobyte. Every 8x8 block costs at least one bit, so
+    the library refuses them from the frame header, before decoding."""
+    from pyvtrim import _ffi
+
+    ffi, lib = _ffi.get()[:2]
+    data = (Path(__file__).parent / "fuzz" / "corpus" / "image" / name).read_bytes()
+    out = ffi.new("struct vtrim_image **")
+    rc = lib.vtrim_image_from_memory(ffi.from_buffer("uint8_t[]", data), len(data), out)
+    assert rc == lib.VTRIM_ERR_IMAGE and out[0] == ffi.NULL
+    assert "truncated JPEG" in ffi.string(lib.vtrim_last_error()).decode()
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_flat_jpeg_at_the_best_compression_decodes(tmp_path: Path, progressive: bool) -> None:
+    """The JPEG bound is not tighter than the format: a flat grey 2048 x 2048 image with optimised Huffman
+    tables (2.0 bits per block here, 3.0 progressive; the bound is 1) loads, with its pixels."""
+    from PIL import Image
+
+    from pyvtrim import _ffi
+
+    p = tmp_path / "flat.jpg"
+    Image.new("L", (2048, 2048), 77).save(p, quality=5, optimize=True, progressive=progressive)
+    blocks = (2048 // 8) ** 2
+    assert p.stat().st_size < blocks / 2, p.stat().st_size   # near the bound, not far above it
+    ffi, lib = _ffi.get()[:2]
+    out = ffi.new("struct vtrim_image **")
+    assert lib.vtrim_image_from_file(os.fsencode(p), out) == 0, ffi.string(lib.vtrim_last_error()).decode()
+    w, h = ffi.new("int32_t *"), ffi.new("int32_t *")
+    assert lib.vtrim_image_size(out[0], w, h) == 0 and (w[0], h[0]) == (2048, 2048)
+    lib.vtrim_image_free(out[0])
+
+
 def test_rle_tga_that_holds_its_pixels_decodes(tmp_path: Path) -> None:
     """The bound is not tighter than the format: Pillow's RLE TGA of a flat image (the best compression there
     is) loads, with its pixels."""

@@ -1,7 +1,7 @@
 // Structural checks that stb_image skips: it ignores PNG checksums and decodes a truncated JPEG or PNG into
 // partly grey pixels, where PIL (and so the HF reference) raises. Walking the container before decoding
 // turns those files into errors, and reads the declared size so that oversized images fail with a clear
-// message before stb allocates anything. BMP and TGA get a size check (their pixels must be in the file);
+// message before stb allocates anything. BMP, TGA and JPEG get a size check (their pixels must fit the file);
 // other formats are left to stb.
 #include "image/image.h"
 
@@ -66,6 +66,17 @@ static int32_t verify_png(const uint8_t * d, size_t n) {
     return 0;
 }
 
+// The bytes a declared image needs at least, against the file's: stb reads past the end of a truncated BMP,
+// TGA or JPEG scan as zeros, so a few bytes claiming 100 MP would decode (slowly) into a black image.
+static int32_t check_data_size(const char * fmt, uint64_t need, size_t n, uint32_t w, uint32_t h) {
+    if (need > n) {
+        return vtrim_fail(VTRIM_ERR_IMAGE,
+                          "image: truncated %s (%u x %u pixels need at least %llu bytes, the file has %zu)", fmt, w, h,
+                          (unsigned long long)need, n);
+    }
+    return 0;
+}
+
 static bool jpeg_is_sof(uint8_t m) {
     return m >= 0xC0 && m <= 0xCF && m != 0xC4 && m != 0xC8 && m != 0xCC;
 }
@@ -86,8 +97,14 @@ static int32_t verify_jpeg(const uint8_t * d, size_t n) {
             return vtrim_fail(VTRIM_ERR_IMAGE, "image: truncated JPEG (a segment of %u bytes is cut off)", len);
         }
         if (jpeg_is_sof(m) && len >= 7) {
-            int32_t rc = check_declared_size("JPEG", be16(d + pos + 5), be16(d + pos + 3));
+            const uint32_t w = be16(d + pos + 5), h = be16(d + pos + 3);
+            int32_t rc = check_declared_size("JPEG", w, h);
             if (rc) return rc;
+            // Every 8x8 block of the full-resolution component costs at least one bit of scan data (a DC
+            // code is never shorter), so a file that is smaller cannot be complete: stb would decode it
+            // anyway, padding the scan with zeros, and a few hundred bytes claiming 100 MP take seconds.
+            const uint64_t blocks = (uint64_t)((w + 7) / 8) * ((h + 7) / 8);
+            if ((rc = check_data_size("JPEG", blocks / 8, n, w, h)) != 0) return rc;
         }
         pos += len;
         if (m == 0xDA) {                                  // SOS: entropy-coded data up to the next real marker
@@ -107,17 +124,6 @@ static int32_t verify_jpeg(const uint8_t * d, size_t n) {
 
 static uint32_t le16(const uint8_t * p) { return (uint32_t)p[0] | ((uint32_t)p[1] << 8); }
 static uint32_t le32(const uint8_t * p) { return le16(p) | (le16(p + 2) << 16); }
-
-// The bytes a declared image needs at least, against the file's: stb reads past the end of a truncated BMP or
-// TGA as zeros, so a few bytes claiming 100 MP would decode (slowly) into a black image; PIL raises.
-static int32_t check_data_size(const char * fmt, uint64_t need, size_t n, uint32_t w, uint32_t h) {
-    if (need > n) {
-        return vtrim_fail(VTRIM_ERR_IMAGE,
-                          "image: truncated %s (%u x %u pixels need at least %llu bytes, the file has %zu)", fmt, w, h,
-                          (unsigned long long)need, n);
-    }
-    return 0;
-}
 
 // Uncompressed BMP (BI_RGB, BI_BITFIELDS; the header of Windows 3 and later): the pixel rows must be there.
 static int32_t verify_bmp(const uint8_t * d, size_t n) {
