@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import TEXT_SHAPES
+from bench_common import TEXT_SHAPES, machine_limits, vision_flops
 from peers_env import (CLIP_L_336, IMAGE_TOKEN, PROMPT, QUESTION, bench_config, bench_image, cache_dir, ensure_peers,
                        hf_dir, llamacpp_pair, log, peers_dir)
 
@@ -182,22 +182,50 @@ def ratios(rows: list) -> dict:
     return out
 
 
+def limit_shares(rows: list, limits: dict) -> None:
+    """Adds "share of limit" figures to each row: encode + prefill FLOP/s over the machine's f16 product rate,
+    decode bytes/s (text weights + the KV cache read per step, x tok/s) over its copy bandwidth. The FLOPs and
+    bytes are pyvtrim's count for the unreduced prompt on these files (its stats and memory report); the
+    llama.cpp row, on the same files and prompt, is measured against the same count."""
+    base = next((r for r in rows if r["peer"] == "pyvtrim" and "prefill_flops" in r
+                 and r.get("n_image_tokens_kept") == r.get("n_image_tokens")), None)
+    if base is None or not limits:
+        return
+    flops = vision_flops(CLIP_L_336, base["n_image_tokens"], base["n_embd"]) + base["prefill_flops"]
+    step_bytes = base["weights_text_bytes"] + base["kv_cache_bytes"]
+    for r in rows:
+        if r["peer"] not in ("pyvtrim", "llama.cpp") or r["label"] != r["peer"]:
+            continue
+        r["prefill_gflops_per_s"] = flops / (r["encode_ms"] + r["prefill_ms"]) / 1e6
+        r["share_of_f16_matmul_rate"] = r["prefill_gflops_per_s"] / limits["f16_gflops"]
+        r["decode_gb_per_s"] = step_bytes * r["decode_tok_s"] / 1e9
+        r["share_of_copy_bandwidth"] = r["decode_gb_per_s"] / limits["copy_gb_per_s"]
+
+
 def table(report: dict) -> str:
     lines = []
     for model in report["models"]:
         lines.append(f"\n**{model['name']}** ({model['threads']} threads; ratios against llama.cpp)\n")
         lines.append("| peer | image tokens | encode ms | prefill ms | TTFT ms (ratio) | decode tok/s (ratio) | "
-                     "peak RSS MiB | CPU share |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+                     "peak RSS MiB | CPU share | prefill GFLOP/s (share) | decode GB/s (share) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in model["runs"]:
             kept = f"{r['n_image_tokens_kept']}/{r['n_image_tokens']}" if "n_image_tokens_kept" in r else "576"
             name = r["label"] + (" (one run per shape)" if r.get("shared_from") else "")
             lines.append(f"| {name} | {kept} | {r['encode_ms']:.0f} | {r['prefill_ms']:.0f} | "
                          f"{r['ttft_ms']:.0f} ({r.get('ttft_ratio', float('nan')):.2f}) | "
                          f"{r['decode_tok_s']:.2f} ({r.get('decode_ratio', float('nan')):.2f}) | "
-                         f"{r['peak_rss_mib']:.0f} | {r['ttft_cpu_share']:.2f} / {r['decode_cpu_share']:.2f} |")
+                         f"{r['peak_rss_mib']:.0f} | {r['ttft_cpu_share']:.2f} / {r['decode_cpu_share']:.2f} | "
+                         + (f"{r['prefill_gflops_per_s']:.1f} ({r['share_of_f16_matmul_rate']:.2f}) | "
+                            f"{r['decode_gb_per_s']:.2f} ({r['share_of_copy_bandwidth']:.2f}) |"
+                            if "share_of_copy_bandwidth" in r else "- | - |"))
         lines.append("\nCPU share: CPU time of the process / (wall time x threads) while it made its first token / "
                      "decoded; near 1.0 means it had its cores to itself.")
+        if report.get("machine_limits"):
+            lim = report["machine_limits"]
+            lines.append(f"Share of limit: encode + prefill FLOP/s over ggml's f16 product rate "
+                         f"({lim['f16_gflops']} GFLOP/s), decode bytes/s over the copy bandwidth "
+                         f"({lim['copy_gb_per_s']} GB/s), both measured at the start with {lim['threads']} threads.")
         for name, t in model["targets"].items():
             lines.append(f"\n- {name}: {t['value']:.2f} (target {t['target']}): {'met' if t['met'] else 'MISSED'}")
     return "\n".join(lines)
@@ -261,7 +289,8 @@ def cpu_name() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tinyllama:f16,tinyllama:q8_0",
-                    help="text shape:outtype pairs (shapes: %s; outtypes f16, q8_0)" % ", ".join(TEXT_SHAPES))
+                    help="text shape:outtype pairs (shapes: %s; outtypes f16, q8_0, and q4_K_M, q4_0, q5_K_M, "
+                    "q6_K made by pyvtrim.quantize from the f16 file)" % ", ".join(TEXT_SHAPES))
     ap.add_argument("--peers", default="llama.cpp,pyvtrim,fastv,transformers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode", type=int, default=32, help="decode tokens per configuration")
@@ -305,6 +334,8 @@ def main(argv=None) -> int:
     from pyvtrim import _ffi
 
     report["pyvtrim_library"] = str(_ffi.find_library())
+    report["machine_limits"] = machine_limits(args.threads)
+    log(f"machine: {report['machine_limits']}")
     plans = []   # (model entry, [(python, spec, label)])
     hf_done = set()
     for item in args.models.split(","):
@@ -364,6 +395,7 @@ def main(argv=None) -> int:
                 for m2, _ in plans:
                     shared_rows(m2)
                     m2["targets"] = ratios(m2["runs"])
+                    limit_shares(m2["runs"], report.get("machine_limits"))
                 model["first_tokens"] = {x["label"]: x.get("first_token") for x in model["runs"]
                                          if x.get("first_token") is not None}
                 out.write_text(json.dumps(report, indent=2))

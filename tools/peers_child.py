@@ -58,7 +58,9 @@ def child_pyvtrim(s: dict) -> dict:
             best = dict(ttft_ms=span.wall * 1000.0, encode_ms=st["t_encode_ms"], prefill_ms=st["t_prefill_ms"],
                         n_prompt_tokens=st["n_prompt_tokens"], n_image_tokens=st["n_image_tokens"],
                         n_image_tokens_kept=st["n_image_tokens_kept"], kv_cache_bytes=st["kv_cache_bytes"],
-                        first_token=tok, ttft_cpu_share=span.share(s["threads"]))
+                        first_token=tok, ttft_cpu_share=span.share(s["threads"]),
+                        prefill_flops=st["prefill_flops"], n_embd=m.info["n_embd"],
+                        weights_text_bytes=m.memory()["weights_text"])
     # decode: greedy continuation of the last prefill (end-of-generation ignored, as for the other peers)
     decode = getattr(m, "decode", None)
     if decode is None:   # a Model without a public single-step API

@@ -124,6 +124,9 @@ def model_dir(text: str) -> Path:
     return cache_dir() / "bench" / "peers" / text
 
 
+WRITTEN_TYPES = ("f32", "f16", "bf16", "q8_0")   # the converter's own outtypes
+
+
 def llamacpp_pair(text: str, outtype: str) -> tuple:
     """llama.cpp's two-file layout (text + mmproj), written by pyvtrim's converter from random weights."""
     from pyvtrim.conversion.llamacpp_layout import mmproj_path
@@ -133,6 +136,18 @@ def llamacpp_pair(text: str, outtype: str) -> tuple:
 
     out = model_dir(text) / f"llava-clipL336-{text}-{outtype}.gguf"
     proj = mmproj_path(out)
+    if outtype not in WRITTEN_TYPES and not (out.is_file() and proj.is_file()):
+        # k-quants and q4_0 come from pyvtrim's quantizer on the f16 text file, as a user makes them; the
+        # f16 mmproj is shared (a link), so both peers read the same vision weights
+        import pyvtrim
+
+        src, src_proj = llamacpp_pair(text, "f16")
+        t0 = time.time()
+        r = pyvtrim.quantize(src, out, outtype)
+        log(f"quantized {out.name} in {time.time() - t0:.0f} s: {r}")
+        if proj.exists():
+            proj.unlink()
+        os.link(src_proj, proj)
     if not (out.is_file() and proj.is_file()):
         cfg = bench_config(text)
         t0 = time.time()
