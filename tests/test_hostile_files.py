@@ -186,6 +186,22 @@ def test_jpeg_claiming_more_blocks_than_its_bytes_hold(name: str) -> None:
     assert "truncated JPEG" in ffi.string(lib.vtrim_last_error()).decode()
 
 
+@pytest.mark.parametrize("name, message", [("bmp-negative-compression-claiming-164mp", "broken BMP"),
+                                           ("bmp-29-bytes-cut-in-its-header-claiming-50mp", "truncated BMP")])
+def test_bmp_headers_that_stb_reads_as_uncompressed(name: str, message: str) -> None:
+    """Found by fuzz_image (12 s and the run's slowest unit under ASan): stb takes a negative compression field
+    for an uncompressed BMP, and reads a header cut short as zeros, so both decoded 50-164 MP of nothing. The
+    header is now checked as stb reads it."""
+    from pyvtrim import _ffi
+
+    ffi, lib = _ffi.get()[:2]
+    data = (Path(__file__).parent / "fuzz" / "corpus" / "image" / name).read_bytes()
+    out = ffi.new("struct vtrim_image **")
+    rc = lib.vtrim_image_from_memory(ffi.from_buffer("uint8_t[]", data), len(data), out)
+    assert rc == lib.VTRIM_ERR_IMAGE and out[0] == ffi.NULL
+    assert message in ffi.string(lib.vtrim_last_error()).decode()
+
+
 @pytest.mark.parametrize("progressive", [False, True])
 def test_flat_jpeg_at_the_best_compression_decodes(tmp_path: Path, progressive: bool) -> None:
     """The JPEG bound is not tighter than the format: a flat grey 2048 x 2048 image with optimised Huffman

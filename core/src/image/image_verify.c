@@ -125,13 +125,29 @@ static int32_t verify_jpeg(const uint8_t * d, size_t n) {
 static uint32_t le16(const uint8_t * p) { return (uint32_t)p[0] | ((uint32_t)p[1] << 8); }
 static uint32_t le32(const uint8_t * p) { return le16(p) | (le16(p + 2) << 16); }
 
-// Uncompressed BMP (BI_RGB, BI_BITFIELDS; the header of Windows 3 and later): the pixel rows must be there.
-static int32_t verify_bmp(const uint8_t * d, size_t n) {
-    if (n < 34 || le32(d + 14) < 40) return 0;   // OS/2 headers and short files: stb's own checks
-    const uint32_t offset = le32(d + 10), w = le32(d + 18), bpp = le16(d + 28), compression = le32(d + 30);
-    const int32_t h_signed = (int32_t)le32(d + 22);
-    const uint32_t h = h_signed < 0 ? (uint32_t)(-(int64_t)h_signed) : (uint32_t)h_signed;
-    if ((compression != 0 && compression != 3) || bpp == 0 || bpp > 32) return 0;
+// Uncompressed BMP (BI_RGB, BI_BITFIELDS; Windows 3 and later headers, and OS/2's 12-byte one): the pixel rows
+// must be there. The header is read as stb reads it, bytes past the end as zeros and the compression field as
+// a signed int (stb decodes a negative one as uncompressed), so a file cut inside its header is covered too.
+static int32_t verify_bmp(const uint8_t * data, size_t n) {
+    uint8_t d[34] = { 0 };
+    memcpy(d, data, n < sizeof d ? n : sizeof d);
+    const uint32_t header = le32(d + 14), offset = le32(d + 10);
+    uint32_t w, h, bpp;
+    if (header == 12) {
+        w = le16(d + 18), h = le16(d + 20), bpp = le16(d + 24);
+    } else if (header >= 40) {
+        const int32_t compression = (int32_t)le32(d + 30);
+        if (compression < 0) {
+            return vtrim_fail(VTRIM_ERR_IMAGE, "image: broken BMP (compression %d)", compression);
+        }
+        if (compression != 0 && compression != 3) return 0;   // RLE, JPEG, PNG: stb refuses them
+        const int32_t h_signed = (int32_t)le32(d + 22);
+        w = le32(d + 18), bpp = le16(d + 28);
+        h = h_signed < 0 ? (uint32_t)(-(int64_t)h_signed) : (uint32_t)h_signed;
+    } else {
+        return 0;   // stb refuses other header sizes
+    }
+    if (bpp == 0 || bpp > 32) return 0;
     int32_t rc = check_declared_size("BMP", w, h);
     if (rc) return rc;
     const uint64_t row = (((uint64_t)w * bpp + 31) / 32) * 4;
