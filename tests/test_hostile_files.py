@@ -156,11 +156,12 @@ def test_truncated_image(tmp_path: Path, fmt: str) -> None:
     assert not got["ok"] and got["type"] == "VtrimImageError", got
 
 
-@pytest.mark.parametrize("name", ["tga-24-bytes-claiming-16mp", "tga-rle-489-bytes-claiming-67mp"])
+@pytest.mark.parametrize("name", ["tga-24-bytes-claiming-16mp", "tga-rle-489-bytes-claiming-67mp",
+                                  "tga-17-bytes-cut-in-its-header-claiming-129mp"])
 def test_tga_claiming_more_pixels_than_its_bytes_hold(name: str) -> None:
-    """stb reads past the end of a TGA as zeros: these two (found by fuzz_image) decoded 16 and 67 MP black
-    images from a few hundred bytes, taking seconds. The library refuses them from the header, before
-    decoding (an RLE packet holds at most 128 pixels)."""
+    """stb reads past the end of a TGA as zeros: these three (found by fuzz_image) decoded 16, 67 and 129 MP
+    black images from a few hundred bytes or fewer, taking seconds; the last one's header is cut short. The
+    library refuses them from the header, before decoding (an RLE packet holds at most 128 pixels)."""
     from pyvtrim import _ffi
 
     ffi, lib = _ffi.get()[:2]

@@ -154,10 +154,11 @@ static int32_t verify_bmp(const uint8_t * data, size_t n) {
     return check_data_size("BMP", (uint64_t)offset + row * h, n, w, h);
 }
 
-// TGA (stb's last guess: a file no other magic claims). Uncompressed: every pixel's bytes; RLE: a packet holds
+// TGA (stb's last guess: a file no other magic claims; a header cut short included). Uncompressed: every pixel's bytes; RLE: a packet holds
 // at most 128 pixels in at least 1 + (bytes per pixel) bytes.
-static int32_t verify_tga(const uint8_t * d, size_t n) {
-    if (n < 18) return 0;
+static int32_t verify_tga(const uint8_t * data, size_t n) {
+    uint8_t d[18] = { 0 };   // the header as stb reads it: bytes past the end are zeros
+    memcpy(d, data, n < sizeof d ? n : sizeof d);
     const uint32_t cmap_type = d[1], type = d[2], cmap_len = le16(d + 5), cmap_bits = d[7];
     const uint32_t w = le16(d + 12), h = le16(d + 14), bpp = d[16];
     const bool rle = type >= 9;
