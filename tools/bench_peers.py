@@ -293,6 +293,9 @@ def main(argv=None) -> int:
                     "q6_K made by pyvtrim.quantize from the f16 file)" % ", ".join(TEXT_SHAPES))
     ap.add_argument("--peers", default="llama.cpp,pyvtrim,fastv,transformers")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llamacpp-no-repack", action="store_true", help="llama.cpp without its weight repacking "
+                    "(extra buffer types; pyvtrim does not repack either). Its AMX/repack path crashed on 4-bit "
+                    "files on a Sapphire Rapids VM")
     ap.add_argument("--decode", type=int, default=32, help="decode tokens per configuration")
     ap.add_argument("--reps", type=int, default=1, help="prefills per configuration and round")
     ap.add_argument("--rounds", type=int, default=2, help="runs of every configuration, interleaved (the fastest "
@@ -330,7 +333,8 @@ def main(argv=None) -> int:
     report = dict(machine=dict(cpu=cpu_name(), cpu_count=os.cpu_count(), platform=platform.platform()),
                   versions=dict(json.loads((peers_dir() / "ready.json").read_text()), pyvtrim=pyvtrim.version()),
                   prompt=PROMPT, question=QUESTION, image="synthetic 640x480 PNG", decode_tokens=args.decode,
-                  reps=args.reps, rounds=args.rounds, nice=args.nice, quick=args.quick, models=[])
+                  reps=args.reps, rounds=args.rounds, nice=args.nice, quick=args.quick,
+                  llamacpp_repack=not args.llamacpp_no_repack, models=[])
     from pyvtrim import _ffi
 
     report["pyvtrim_library"] = str(_ffi.find_library())
@@ -348,7 +352,7 @@ def main(argv=None) -> int:
         report["models"].append(model)
         plan = []
         if "llama.cpp" in peers:
-            plan.append((py, dict(base, peer="llama.cpp"), "llama.cpp"))
+            plan.append((py, dict(base, peer="llama.cpp", no_extra_bufts=args.llamacpp_no_repack), "llama.cpp"))
         if "pyvtrim" in peers:
             plan.append((Path(sys.executable), dict(base, peer="pyvtrim", reduce="none"), "pyvtrim"))
         if "fastv" in peers:

@@ -92,6 +92,20 @@ def child_llamacpp(s: dict) -> dict:
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Llava15ChatHandler
 
+    if s.get("no_extra_bufts"):
+        # llama.cpp's weight repacking (its "extra buffer types": CPU_REPACK, AMX) off, as --no-repack does;
+        # Llama() takes no such argument, so its default model params are wrapped
+        import llama_cpp.llama_cpp as low   # the module whose function Llama() calls
+
+        default_params = low.llama_model_default_params
+
+        def no_extra_bufts():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+
+        low.llama_model_default_params = no_extra_bufts
+
     # llama.cpp and mtmd log to fd 2; the encode timing comes from mtmd's own print_timings lines there.
     err_path = s["result"] + ".stderr"
     err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
