@@ -156,12 +156,9 @@ def test_truncated_image(tmp_path: Path, fmt: str) -> None:
     assert not got["ok"] and got["type"] == "VtrimImageError", got
 
 
-@pytest.mark.parametrize("name", ["tga-24-bytes-claiming-16mp", "tga-rle-489-bytes-claiming-67mp",
-                                  "tga-17-bytes-cut-in-its-header-claiming-129mp"])
-def test_tga_claiming_more_pixels_than_its_bytes_hold(name: str) -> None:
-    """stb reads past the end of a TGA as zeros: these three (found by fuzz_image) decoded 16, 67 and 129 MP
-    black images from a few hundred bytes or fewer, taking seconds; the last one's header is cut short. The
-    library refuses them from the header, before decoding (an RLE packet holds at most 128 pixels)."""
+def _refused_corpus_image(name: str) -> str:
+    """Decodes tests/fuzz/corpus/image/<name> with the library (not Pillow); asserts it is refused with
+    VTRIM_ERR_IMAGE and nothing allocated, and returns the message."""
     from pyvtrim import _ffi
 
     ffi, lib = _ffi.get()[:2]
@@ -169,7 +166,16 @@ def test_tga_claiming_more_pixels_than_its_bytes_hold(name: str) -> None:
     out = ffi.new("struct vtrim_image **")
     rc = lib.vtrim_image_from_memory(ffi.from_buffer("uint8_t[]", data), len(data), out)
     assert rc == lib.VTRIM_ERR_IMAGE and out[0] == ffi.NULL
-    assert "truncated TGA" in ffi.string(lib.vtrim_last_error()).decode()
+    return ffi.string(lib.vtrim_last_error()).decode()
+
+
+@pytest.mark.parametrize("name", ["tga-24-bytes-claiming-16mp", "tga-rle-489-bytes-claiming-67mp",
+                                  "tga-17-bytes-cut-in-its-header-claiming-129mp"])
+def test_tga_claiming_more_pixels_than_its_bytes_hold(name: str) -> None:
+    """stb reads past the end of a TGA as zeros: these three (found by fuzz_image) decoded 16, 67 and 129 MP
+    black images from a few hundred bytes or fewer, taking seconds; the last one's header is cut short. The
+    library refuses them from the header, before decoding (an RLE packet holds at most 128 pixels)."""
+    assert "truncated TGA" in _refused_corpus_image(name)
 
 
 @pytest.mark.parametrize("name", ["jpeg-807-bytes-claiming-147mp", "jpeg-85-bytes-claiming-109mp"])
@@ -177,14 +183,7 @@ def test_jpeg_claiming_more_blocks_than_its_bytes_hold(name: str) -> None:
     """stb pads a short JPEG scan with zeros: these two (found by fuzz_image under ASan: 11 s and the slowest
     unit of the run) decoded 147 and 109 MP from under a kilobyte. Every 8x8 block costs at least one bit, so
     the library refuses them from the frame header, before decoding."""
-    from pyvtrim import _ffi
-
-    ffi, lib = _ffi.get()[:2]
-    data = (Path(__file__).parent / "fuzz" / "corpus" / "image" / name).read_bytes()
-    out = ffi.new("struct vtrim_image **")
-    rc = lib.vtrim_image_from_memory(ffi.from_buffer("uint8_t[]", data), len(data), out)
-    assert rc == lib.VTRIM_ERR_IMAGE and out[0] == ffi.NULL
-    assert "truncated JPEG" in ffi.string(lib.vtrim_last_error()).decode()
+    assert "truncated JPEG" in _refused_corpus_image(name)
 
 
 @pytest.mark.parametrize("name, message", [("bmp-negative-compression-claiming-164mp", "broken BMP"),
@@ -193,14 +192,7 @@ def test_bmp_headers_that_stb_reads_as_uncompressed(name: str, message: str) -> 
     """Found by fuzz_image (12 s and the run's slowest unit under ASan): stb takes a negative compression field
     for an uncompressed BMP, and reads a header cut short as zeros, so both decoded 50-164 MP of nothing. The
     header is now checked as stb reads it."""
-    from pyvtrim import _ffi
-
-    ffi, lib = _ffi.get()[:2]
-    data = (Path(__file__).parent / "fuzz" / "corpus" / "image" / name).read_bytes()
-    out = ffi.new("struct vtrim_image **")
-    rc = lib.vtrim_image_from_memory(ffi.from_buffer("uint8_t[]", data), len(data), out)
-    assert rc == lib.VTRIM_ERR_IMAGE and out[0] == ffi.NULL
-    assert message in ffi.string(lib.vtrim_last_error()).decode()
+    assert message in _refused_corpus_image(name)
 
 
 @pytest.mark.parametrize("progressive", [False, True])
