@@ -224,11 +224,21 @@ def test_bad_parameters_raise_value_error(wide, tmp_path):
         pyvtrim.quantize(wide.gguf, wide.gguf, "q8_0")   # the output would overwrite the input
 
 
+# llama.cpp's weight repacking (extra buffer types: CPU_REPACK, AMX) is off: on a Xeon with AMX, llama-cpp-python
+# 0.3.36 built with GGML_NATIVE dies with SIGSEGV there on every 4-bit file, llama-quantize's own included, and
+# what is checked here is the file, not that path (pyvtrim does not repack either).
 _LLAMA_CPP_TEXT = r"""
 import json, sys
 import numpy as np
 import llama_cpp
+import llama_cpp.llama_cpp as low
 from llama_cpp import Llama
+default_params = low.llama_model_default_params
+def no_extra_bufts():
+    p = default_params()
+    p.use_extra_bufts = False
+    return p
+low.llama_model_default_params = no_extra_bufts
 path, prompt = sys.argv[1:3]
 llm = Llama(model_path=path, n_ctx=256, n_threads=2, verbose=False)
 llm.eval([int(t) for t in prompt.split(",")])
@@ -240,7 +250,9 @@ print(json.dumps(np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(float
 @pytest.mark.parametrize("qtype", ["q4_K_M", "q4_0"])
 def test_llama_cpp_loads_the_quantized_text_file(wide, tmp_path, qtype):
     """llama.cpp's two-file layout: its text file, quantized by us, loads in llama.cpp and gives our logits
-    (the same quantized weights; accumulation order differs: within 1e-4 NMSE)."""
+    (the same quantized weights; accumulation order and llama.cpp's f16 KV cache differ: within 1e-3 NMSE.
+    Measured: under 1e-4 on an AVX2 EPYC with llama.cpp's repacking on; 3.8e-4 (q4_0) and 7.2e-4 (q4_K_M) on
+    an AVX-512 Xeon with it off; the argmax must agree either way)."""
     py = peer_python()
     if py is None or subprocess.run([py, "-c", "import llama_cpp"], capture_output=True).returncode != 0:
         pytest.skip("no llama-cpp-python peer environment (tools/bench_peers.py --setup builds it)")
@@ -255,4 +267,4 @@ def test_llama_cpp_loads_the_quantized_text_file(wide, tmp_path, qtype):
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     theirs = np.array(json.loads(run.stdout.strip().splitlines()[-1]))
-    assert _nmse(theirs, ours) <= 1e-4 and int(np.argmax(theirs)) == int(np.argmax(ours))
+    assert _nmse(theirs, ours) <= 1e-3 and int(np.argmax(theirs)) == int(np.argmax(ours))
